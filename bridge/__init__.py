@@ -1,0 +1,1 @@
+"""Git-bus bridge: run allowlisted presets on a self-hosted Mac and read back evidence."""

@@ -1,0 +1,3 @@
+"""kakeya-mlx engine: lossless DFlash speculative decoding on MLX."""
+
+__version__ = "0.1.0"
