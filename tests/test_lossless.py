@@ -1,0 +1,160 @@
+"""Greedy fused decoding must be token-identical to plain AR, past the sliding window too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step, speculative_generate_step
+from tiny import (
+    VOCAB,
+    WINDOW,
+    drafter_config,
+    make_target,
+    prompt_tokens,
+    save_random_drafter,
+)
+
+from mlx_engine.drafter import load_drafter
+from mlx_engine.speculative import (
+    DecodeStats,
+    DFlashDraftSource,
+    ar_stream,
+    collect,
+    fused_stream,
+)
+from mlx_engine.verifier import Verifier
+
+FAMILIES = ["gemma3_text", "gemma4_text", "qwen3", "llama"]
+PROMPT_LEN = 3 * WINDOW
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """(verifier, drafter) with a random drafter saved in z-lab format and loaded back."""
+    verifier = Verifier(make_target(request.param))
+    path = tmp_path_factory.mktemp(request.param)
+    save_random_drafter(path, drafter_config(verifier.num_layers, block_size=16))
+    drafter = load_drafter(path)
+    verifier.set_taps(drafter.config.target_layer_ids)
+    return verifier, drafter
+
+
+def _ar(verifier: Verifier, prompt: list[int], n: int = NEW_TOKENS, **kw) -> list[int]:
+    return collect(ar_stream(verifier, prompt, n, **kw))
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 8, 16])
+def test_fused_equals_ar(pair, block_size):
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN)
+    stats = DecodeStats()
+    fused = collect(
+        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS,
+                     block_size, stats=stats)
+    )
+    assert fused == _ar(verifier, prompt)
+    assert len(fused) == NEW_TOKENS and len(set(fused)) > 5  # a real, non-constant sequence
+    assert stats.syncs_per_block == 2
+
+
+def test_single_graph_mode_is_lossless_with_one_sync(pair):
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=3)
+    stats = DecodeStats()
+    fused = collect(
+        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS, 8,
+                     graph="single", stats=stats)
+    )
+    assert fused == _ar(verifier, prompt)
+    assert stats.syncs_per_block == 1
+
+
+def test_ar_oracle_matches_mlx_lm_native_cache(pair):
+    """Our all-KVCache layout reproduces mlx-lm's own decoding with its native caches."""
+    verifier, _ = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=5)
+    native = [t for t, _ in generate_step(mx.array(prompt), verifier.model, max_tokens=48)]
+    assert _ar(verifier, prompt, 48) == native
+
+
+def test_stop_token_ends_both_loops_at_the_same_place(pair):
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=7)
+    reference = _ar(verifier, prompt)
+    stop = reference[20]
+    first = reference.index(stop)
+    stats = DecodeStats()
+    fused = collect(
+        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS, 4,
+                     stop_ids=frozenset([stop]), stats=stats)
+    )
+    assert fused == reference[: first + 1] == _ar(verifier, prompt, stop_ids=frozenset([stop]))
+    assert stats.finish_reason == "stop"
+
+
+class ForcedSource(DFlashDraftSource):
+    """Drafts the true continuation for `correct` positions, then a wrong token."""
+
+    def __init__(self, drafter, verifier, prompt_len: int, reference: list[int], correct: int):
+        super().__init__(drafter, verifier)
+        self.prompt_len, self.reference, self.correct = prompt_len, reference, correct
+
+    def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array:
+        real = super().draft_logits(anchor, block_size)  # keep the real drafter graph running
+        g = self.context_len - self.prompt_len  # index of the anchor among generated tokens
+        truth = self.reference[g + 1 : g + block_size]
+        forced = [t if i < self.correct else (t + 1) % VOCAB for i, t in enumerate(truth)]
+        return real * 0 + mx.eye(VOCAB)[mx.array(forced)] * 50.0
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_every_acceptance_count_commits_exactly(pair, block_size):
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=11)
+    reference = _ar(verifier, prompt, NEW_TOKENS + block_size)
+    for correct in range(block_size):
+        stats = DecodeStats()
+        source = ForcedSource(drafter, verifier, len(prompt), reference, correct)
+        fused = collect(
+            fused_stream(verifier, source, prompt, NEW_TOKENS, block_size, stats=stats)
+        )
+        assert fused == reference[:NEW_TOKENS], f"accepting {correct} drafts broke exactness"
+        assert set(stats.accepted) == {correct}
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text", "llama"])  # sliding ones
+def test_mlx_lm_speculative_decoding_diverges_past_the_window(family):
+    """mlx-lm cannot trim a wrapped RotatingKVCache: its output silently departs from AR."""
+    verifier = Verifier(make_target(family))
+    draft_model = make_target(family, seed=5)
+
+    def mlx_lm_spec(prompt: list[int], n: int) -> list[int]:
+        steps = speculative_generate_step(
+            mx.array(prompt), verifier.model, draft_model, num_draft_tokens=4, max_tokens=n
+        )
+        return [t for t, _, _ in steps]
+
+    short = prompt_tokens(4, seed=13)  # never wraps: mlx-lm is still exact here
+    assert mlx_lm_spec(short, WINDOW - 8) == _ar(verifier, short, WINDOW - 8)
+    long = prompt_tokens(PROMPT_LEN, seed=13)
+    assert mlx_lm_spec(long, 32) != _ar(verifier, long, 32)
+
+
+def test_drafter_round_trip_through_disk(tmp_path: Path):
+    config = drafter_config(6)
+    save_random_drafter(tmp_path, config, seed=4)
+    a, b = load_drafter(tmp_path), load_drafter(tmp_path)
+    cache_a, cache_b = a.make_context_cache(), b.make_context_cache()
+    taps = mx.random.normal((1, 5, 2 * 64), key=mx.random.key(0))
+    a.extend_context(taps, cache_a)
+    b.extend_context(taps, cache_b)
+    emb = mx.random.normal((VOCAB, 64), key=mx.random.key(1))
+    logits_a = a.draft_logits(mx.array([[3, 96, 96, 96]]), cache_a, lambda i: emb[i],
+                              lambda h: h @ emb.T)
+    logits_b = b.draft_logits(mx.array([[3, 96, 96, 96]]), cache_b, lambda i: emb[i],
+                              lambda h: h @ emb.T)
+    assert logits_a.shape == (1, 3, VOCAB)
+    assert mx.array_equal(logits_a, logits_b)

@@ -1,0 +1,103 @@
+"""Tiny random verifiers and drafters, built in memory, for fast CPU tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models import gemma3_text, gemma4_text, llama, qwen3
+
+VOCAB = 97
+WINDOW = 16  # sliding window of the hybrid tiny targets: prompts are longer than this
+
+TARGET_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma3_text": dict(
+        model_type="gemma3_text", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+        num_attention_heads=4, head_dim=16, num_key_value_heads=1, vocab_size=VOCAB,
+        sliding_window=WINDOW, sliding_window_pattern=3, query_pre_attn_scalar=16,
+    ),
+    "gemma4_text": dict(
+        model_type="gemma4_text", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+        num_attention_heads=4, head_dim=16, global_head_dim=32, num_key_value_heads=1,
+        num_kv_shared_layers=2, vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8, sliding_window=WINDOW, sliding_window_pattern=3,
+        final_logit_softcapping=30.0, use_double_wide_mlp=False,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, head_dim=16, num_key_value_heads=2, vocab_size=VOCAB,
+        rms_norm_eps=1e-6, max_position_embeddings=4096, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama": dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-5,
+        sliding_window=WINDOW, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    ),
+}
+FAMILIES = {"gemma3_text": gemma3_text, "gemma4_text": gemma4_text, "qwen3": qwen3,
+            "llama": llama}
+
+
+# Random init decodes one token forever unless the embedding scale is tuned per family.
+EMBED_SCALE = {"gemma3_text": 4.0, "gemma4_text": 0.25, "qwen3": 4.0, "llama": 4.0}
+
+
+def make_target(family: str, seed: int = 0) -> nn.Module:
+    """A random mlx-lm model of `family`, float32, weights materialised."""
+    mx.random.seed(seed)
+    module = FAMILIES[family]
+    model = module.Model(module.ModelArgs.from_dict(TARGET_CONFIGS[family]))
+    if family == "gemma4_text":  # mirror load(): drop K/V projections of shared layers
+        weights = model.sanitize(dict(tree_flatten(model.parameters())))
+        model.load_weights(list(weights.items()), strict=False)
+    emb = model.model.embed_tokens
+    emb.weight = emb.weight * EMBED_SCALE[family]
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def drafter_config(
+    target_layers: int, hidden: int = 64, block_size: int = 8, layers: int = 2,
+    sliding: bool = True, mask_token_id: int = VOCAB - 1,
+) -> dict[str, Any]:
+    """A z-lab-format config.json for a random drafter of a tiny target."""
+    layer_types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    if not sliding:
+        layer_types = ["full_attention"] * layers
+    taps = [1, target_layers - 2] if target_layers > 3 else [0, 1]
+    return {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+        "hidden_size": hidden, "intermediate_size": 96, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+        "max_position_embeddings": 4096, "vocab_size": VOCAB, "layer_types": layer_types,
+        "sliding_window": 12, "block_size": block_size, "num_target_layers": target_layers,
+        "tie_word_embeddings": False,
+        "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": taps,
+                          "block_size": block_size},
+    }
+
+
+def save_random_drafter(path: Path, config: dict[str, Any], seed: int = 1) -> Path:
+    """Write a random drafter in z-lab format (config.json + model.safetensors)."""
+    from mlx_engine.drafter import DFlashDrafter, DrafterConfig
+
+    mx.random.seed(seed)
+    model = DFlashDrafter(DrafterConfig.from_dict(config))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return path
+
+
+def prompt_tokens(n: int, seed: int = 0) -> list[int]:
+    """A deterministic pseudo-random prompt that avoids the mask token."""
+    key = mx.random.key(seed)
+    return mx.random.randint(2, VOCAB - 2, shape=(n,), key=key).tolist()
