@@ -101,3 +101,32 @@ def prompt_tokens(n: int, seed: int = 0) -> list[int]:
     """A deterministic pseudo-random prompt that avoids the mask token."""
     key = mx.random.key(seed)
     return mx.random.randint(2, VOCAB - 2, shape=(n,), key=key).tolist()
+
+
+def save_model_dir(path: Path, family: str = "gemma3_text", seed: int = 0) -> Path:
+    """An mlx-lm loadable dir: config, weights and a word-level tokenizer over the tiny vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = make_target(family, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(TARGET_CONFIGS[family], eos_token_id=1, bos_token_id=2)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    vocab = {_word(i): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=_word(0)))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": _word(1),
+        "bos_token": _word(2), "unk_token": _word(0), "model_max_length": 4096,
+    }))
+    return path
+
+
+def _word(i: int) -> str:
+    return "x" + chr(97 + i // 26) + chr(97 + i % 26)  # letters only: no digit splitting
+
+
+def words(tokens: list[int]) -> str:
+    """Text that the tiny tokenizer encodes back to `tokens`."""
+    return " ".join(_word(t) for t in tokens)

@@ -1,0 +1,156 @@
+"""A loaded verifier + drafter + tokenizer pair: the one API the CLI, bench and presets call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .drafter import DFlashDrafter, check_compatible, load_drafter
+from .errors import UserError
+from .sampling import SamplingParams
+from .sources import DEFAULT, dir_sha256, resolve_drafter, resolve_model
+from .speculative import DecodeStats, DFlashDraftSource, GraphMode, ar_stream, fused_stream
+from .verifier import Verifier
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def default_dtype() -> str:
+    """fp32 on CPU (MLX's CPU half-precision matmuls are naive), bf16 on a GPU."""
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    path: Path
+    sha256: str
+    dtype: str
+
+
+@dataclass
+class RunOptions:
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    ignore_eos: bool = False
+    block_size: int | None = None
+    graph: GraphMode = "two-phase"
+    profile: bool = False
+
+
+@dataclass
+class RunResult:
+    tokens: list[int]
+    stats: DecodeStats
+
+
+def _load_verifier(spec: str, dtype: str | None) -> tuple[Verifier, object, ModelInfo]:
+    from mlx_lm import load
+
+    chosen = dtype or default_dtype()
+    path = resolve_model(spec, chosen)
+    try:
+        model, tokenizer = load(str(path))
+    except Exception as exc:  # mlx-lm raises many types for a broken dir
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load model dir {path}: {reason}") from None
+    if dtype is not None or spec == DEFAULT:
+        model.set_dtype(DTYPES[chosen])
+    info = ModelInfo(spec, path, dir_sha256(path), _float_dtype(model))
+    return Verifier(model), tokenizer, info
+
+
+def _float_dtype(model) -> str:
+    """The floating dtype the model computes in (a quantized embedding's scales tell it)."""
+    emb = model.model.embed_tokens
+    dtype = emb.scales.dtype if hasattr(emb, "scales") else emb.weight.dtype
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+class Engine:
+    def __init__(self, verifier: Verifier, tokenizer, model_info: ModelInfo,
+                 drafter: DFlashDrafter | None = None, drafter_info: ModelInfo | None = None):
+        self.verifier, self.tokenizer, self.model_info = verifier, tokenizer, model_info
+        self.drafter, self.drafter_info = drafter, drafter_info
+        if drafter is not None:
+            cfg = drafter.config
+            check_compatible(cfg, verifier.hidden_size, verifier.vocab_size, verifier.num_layers)
+            verifier.set_taps(cfg.target_layer_ids)
+        verifier.check_adapter()
+
+    @classmethod
+    def load(cls, model: str = DEFAULT, draft: str | None = DEFAULT,
+             dtype: str | None = None) -> Engine:
+        if dtype is not None and dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        verifier, tokenizer, info = _load_verifier(model, dtype)
+        drafter = drafter_info = None
+        if draft is not None:
+            path = resolve_drafter(draft)
+            drafter = load_drafter(path)
+            drafter.set_dtype(DTYPES[info.dtype])
+            drafter_info = ModelInfo(draft, path, dir_sha256(path), info.dtype)
+        return cls(verifier, tokenizer, info, drafter, drafter_info)
+
+    # --- text ----------------------------------------------------------------------------
+    def encode(self, prompt: str, chat_template: bool | None = None) -> list[int]:
+        """Tokens for `prompt`; the chat template is used when the tokenizer has one."""
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        if chat_template and not has_template:
+            raise UserError("--chat-template given but this tokenizer has no chat template")
+        if has_template if chat_template is None else chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return list(self.tokenizer.encode(prompt))
+
+    def stop_ids(self, ignore_eos: bool) -> frozenset[int]:
+        return frozenset() if ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+
+    # --- decoding ------------------------------------------------------------------------
+    def block_size(self, requested: int | None) -> int:
+        if self.drafter is None:
+            raise UserError("fused decoding needs a drafter (--draft)")
+        limit = self.drafter.config.block_size
+        size = limit if requested is None else requested
+        if not 2 <= size <= limit:
+            raise UserError(f"--block-size must be between 2 and the drafter's {limit}, not {size}")
+        return size
+
+    def stream(self, mode: str, prompt: list[int], opts: RunOptions,
+               stats: DecodeStats) -> Iterator[list[int]]:
+        common = dict(params=opts.sampling, stop_ids=self.stop_ids(opts.ignore_eos),
+                      seed=opts.seed, stats=stats)
+        if mode == "ar":
+            return ar_stream(self.verifier, prompt, opts.max_tokens, **common)
+        source = DFlashDraftSource(self.drafter, self.verifier)
+        return fused_stream(self.verifier, source, prompt, opts.max_tokens,
+                            self.block_size(opts.block_size), graph=opts.graph,
+                            profile=opts.profile, **common)
+
+    def run(self, mode: str, prompt: list[int], opts: RunOptions,
+            on_tokens: Callable[[list[int]], None] | None = None) -> RunResult:
+        stats = DecodeStats()
+        tokens: list[int] = []
+        for chunk in self.stream(mode, prompt, opts, stats):
+            tokens.extend(chunk)
+            if on_tokens is not None:
+                on_tokens(chunk)
+        return RunResult(tokens, stats)
+
+    def warmup(self, opts: RunOptions) -> float:
+        """Compile kernels and size buffers once so the timed runs compare steady states."""
+        start = time.perf_counter()
+        short = RunOptions(max_tokens=8, block_size=opts.block_size, graph=opts.graph,
+                           ignore_eos=True)
+        prompt = list(range(3, 35))
+        self.run("ar", prompt, short)
+        if self.drafter is not None:
+            self.run("fused", prompt, short)
+        return time.perf_counter() - start

@@ -1,0 +1,166 @@
+"""Evidence records (schema v1): what ran, where, how fast, and whether it was lossless.
+
+The bridge's gates and the README's tables read these files, so every record is validated
+against the JSON Schema shipped beside this module before it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from . import __version__
+from .engine import Engine, RunResult
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "evidence.v1.json"
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _chip() -> str:
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                  capture_output=True, text=True, timeout=5).stdout.strip()
+        except OSError:
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def backend() -> str:
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "metal" if sys.platform == "darwin" else "cuda"
+
+
+def device_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "chip": _chip(),
+        "mlx_version": mx.__version__,
+        "backend": backend(),
+        "blas": os.environ.get("LD_PRELOAD") or None,
+    }
+
+
+def output_sha256(tokens: list[int]) -> str:
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
+def _accept_hist(accepted: list[int], block_size: int) -> list[int]:
+    hist = [0] * block_size
+    for a in accepted:
+        hist[a] += 1
+    return hist
+
+
+def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
+                  ar: RunResult | None, fused: RunResult | None) -> dict[str, Any]:
+    """One prompt's timings for each arm that ran, and the token-for-token comparison."""
+    ran = fused or ar
+    record: dict[str, Any] = {
+        "prompt_id": prompt_id,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": len(ran.tokens),
+        "ar": None,
+        "fused": None,
+        "lossless": None if ar is None or fused is None else ar.tokens == fused.tokens,
+        "output_sha256": output_sha256(ran.tokens),
+    }
+    if ar is not None:
+        record["ar"] = {"decode_tok_s": ar.stats.decode_tok_s, "prefill_s": ar.stats.prefill_s,
+                        "new_tokens": len(ar.tokens)}
+    if fused is not None:
+        s = fused.stats
+        record["fused"] = {
+            "decode_tok_s": s.decode_tok_s,
+            "prefill_s": s.prefill_s,
+            "mean_accept_len": s.mean_accept_len,
+            "accept_hist": _accept_hist(s.accepted, block_size or 1),
+            "blocks": s.blocks,
+            "syncs_per_block": s.syncs_per_block,
+            "time_split_s": {"draft": s.draft_s, "verify": s.verify_s, "extend": s.extend_s},
+        }
+    return record
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over samples; the speedup is the median of per-sample ratios (same prompt)."""
+    ar = [s["ar"]["decode_tok_s"] for s in samples if s["ar"]]
+    fused = [s["fused"]["decode_tok_s"] for s in samples if s["fused"]]
+    ratios = [s["fused"]["decode_tok_s"] / s["ar"]["decode_tok_s"] for s in samples
+              if s["ar"] and s["fused"] and s["ar"]["decode_tok_s"] > 0]
+    blocks = sum(s["fused"]["blocks"] for s in samples if s["fused"])
+    committed = sum(s["fused"]["mean_accept_len"] * s["fused"]["blocks"]
+                    for s in samples if s["fused"])
+    compared = [s["lossless"] for s in samples if s["lossless"] is not None]
+    return {
+        "ar_decode_tok_s": _median(ar),
+        "fused_decode_tok_s": _median(fused),
+        "speedup_vs_ar": _median(ratios),
+        "mean_accept_len": committed / blocks if blocks else None,
+        "lossless_all": all(compared) if compared else None,
+    }
+
+
+def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
+                 block_size: int | None, command: str | None = None) -> dict[str, Any]:
+    m, d = engine.model_info, engine.drafter_info
+    tool = {"name": "kakeya-mlx", "version": __version__, "git_sha": _git_sha()}
+    if command:
+        tool["command"] = command
+    return {
+        "schema_version": 1,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": tool,
+        "device": device_info(),
+        "verifier": {"id": m.id, "sha256": m.sha256, "dtype": m.dtype},
+        "drafter": None if d is None or block_size is None else
+        {"id": d.id, "sha256": d.sha256, "dtype": d.dtype, "block_size": block_size},
+        "params": params,
+        "samples": samples,
+        "aggregate": aggregate(samples),
+    }
+
+
+def validate(record: dict[str, Any]) -> None:
+    """Raise jsonschema.ValidationError if the record does not follow schema v1."""
+    import jsonschema
+
+    jsonschema.validate(record, json.loads(SCHEMA_PATH.read_text()))
+
+
+def write(record: dict[str, Any], path: Path) -> None:
+    validate(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)

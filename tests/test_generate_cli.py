@@ -1,0 +1,129 @@
+"""`python -m mlx_engine.generate`: evidence on a tiny local pair, one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import drafter_config, prompt_tokens, save_model_dir, save_random_drafter, words
+
+from mlx_engine import evidence
+from mlx_engine.generate import main
+
+PROMPT = words(prompt_tokens(40))  # longer than the tiny targets' sliding window
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pair")
+    model = save_model_dir(root / "model")
+    draft = save_random_drafter(root / "draft", drafter_config(6, block_size=8))
+    return model, draft
+
+
+def test_both_modes_write_valid_lossless_evidence(pair, tmp_path, capsys):
+    model, draft = pair
+    out = tmp_path / "evidence.json"
+    rc = main(["--model", str(model), "--draft", str(draft), "--prompt", PROMPT, "--mode",
+               "both", "--max-tokens", "48", "--ignore-eos", "--profile", "--json", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    evidence.validate(record)
+    sample = record["samples"][0]
+    assert sample["new_tokens"] == 48 and sample["prompt_tokens"] == 40
+    assert record["aggregate"]["lossless_all"] is True
+    assert sum(sample["fused"]["accept_hist"]) == sample["fused"]["blocks"] > 0
+    assert sample["fused"]["syncs_per_block"] == 3  # profiled: draft, accept, extend
+    assert sample["fused"]["time_split_s"]["extend"] is not None
+    assert record["drafter"]["block_size"] == 8
+    err = capsys.readouterr().err
+    assert "speedup vs AR" in err and "lossless yes" in err
+
+
+def test_ar_mode_needs_no_drafter(pair, tmp_path):
+    model, _ = pair
+    out = tmp_path / "ar.json"
+    assert main(["--model", str(model), "--draft", "/nonexistent", "--prompt", PROMPT,
+                 "--mode", "ar", "--max-tokens", "8", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["drafter"] is None and record["samples"][0]["fused"] is None
+    assert record["aggregate"]["lossless_all"] is None
+
+
+def _mismatched_drafter(root: Path, **changes) -> Path:
+    config = drafter_config(6, block_size=8)
+    config.update(changes)
+    return save_random_drafter(root, config)
+
+
+def _corrupt_model(root: Path) -> Path:
+    model = save_model_dir(root)
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    return model
+
+
+def _drafter_missing_tensor(root: Path) -> Path:
+    import mlx.core as mx
+
+    draft = save_random_drafter(root, drafter_config(6, block_size=8))
+    weights = mx.load(str(draft / "model.safetensors"))
+    weights.pop("fc.weight")
+    mx.save_safetensors(str(draft / "model.safetensors"), weights)
+    return draft
+
+
+BAD_INPUTS = {
+    "missing model dir": (lambda m, d, t: ["--model", str(t / "nope"), "--draft", str(d)],
+                          "neither an existing dir"),
+    "corrupt model dir": (lambda m, d, t: ["--model", str(_corrupt_model(t / "bad")),
+                                           "--draft", str(d)], "cannot load model dir"),
+    "drafter hidden size": (lambda m, d, t: ["--model", str(m), "--draft",
+                                             str(_mismatched_drafter(t / "h", hidden_size=32))],
+                            "hidden_size 32 != verifier hidden_size 64"),
+    "drafter vocab": (lambda m, d, t: ["--model", str(m), "--draft",
+                                       str(_mismatched_drafter(t / "v", vocab_size=50))],
+                      "vocab_size 50 != verifier vocab_size 97"),
+    "drafter missing tensor": (lambda m, d, t: ["--model", str(m), "--draft",
+                                                str(_drafter_missing_tensor(t / "mt"))],
+                               "missing tensors ['fc.weight']"),
+    "drafter taps too deep": (lambda m, d, t: ["--model", str(m), "--draft", str(
+        _mismatched_drafter(t / "tap", num_target_layers=None,
+                            dflash_config={"mask_token_id": 96, "target_layer_ids": [1, 9]}))],
+                              "target_layer_ids [9] are not < verifier layers 6"),
+    "block size 1": (lambda m, d, t: ["--model", str(m), "--draft", str(d), "--block-size", "1"],
+                     "--block-size must be between 2 and the drafter's 8"),
+    "block size too big": (lambda m, d, t: ["--model", str(m), "--draft", str(d),
+                                            "--block-size", "9"], "not 9"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, pair, tmp_path, capsys):
+    model, draft = pair
+    make_args, expected = BAD_INPUTS[case]
+    rc = main([*make_args(model, draft, tmp_path), "--prompt", PROMPT, "--max-tokens", "4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+
+
+def test_empty_prompt_and_unreadable_file(pair, tmp_path, capsys):
+    model, draft = pair
+    assert main(["--model", str(model), "--draft", str(draft), "--prompt", "  "]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["--model", str(model), "--draft", str(draft), "--prompt-file",
+                 str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read prompt file" in capsys.readouterr().err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_engine.generate", "--model", str(tmp_path / "absent"),
+         "--prompt", "hi"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
