@@ -48,11 +48,12 @@ FAMILIES = {"gemma3_text": gemma3_text, "gemma4_text": gemma4_text, "qwen3": qwe
 EMBED_SCALE = {"gemma3_text": 4.0, "gemma4_text": 0.25, "qwen3": 4.0, "llama": 4.0}
 
 
-def make_target(family: str, seed: int = 0) -> nn.Module:
+def make_target(family: str, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     """A random mlx-lm model of `family`, float32, weights materialised."""
     mx.random.seed(seed)
     module = FAMILIES[family]
-    model = module.Model(module.ModelArgs.from_dict(TARGET_CONFIGS[family]))
+    config = dict(TARGET_CONFIGS[family], vocab_size=vocab, vocab_size_per_layer_input=vocab)
+    model = module.Model(module.ModelArgs.from_dict(config))
     if family == "gemma4_text":  # mirror load(): drop K/V projections of shared layers
         weights = model.sanitize(dict(tree_flatten(model.parameters())))
         model.load_weights(list(weights.items()), strict=False)
@@ -65,7 +66,7 @@ def make_target(family: str, seed: int = 0) -> nn.Module:
 
 def drafter_config(
     target_layers: int, hidden: int = 64, block_size: int = 8, layers: int = 2,
-    sliding: bool = True, mask_token_id: int = VOCAB - 1,
+    sliding: bool = True, vocab: int = VOCAB,
 ) -> dict[str, Any]:
     """A z-lab-format config.json for a random drafter of a tiny target."""
     layer_types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
@@ -77,10 +78,10 @@ def drafter_config(
         "hidden_size": hidden, "intermediate_size": 96, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-        "max_position_embeddings": 4096, "vocab_size": VOCAB, "layer_types": layer_types,
+        "max_position_embeddings": 4096, "vocab_size": vocab, "layer_types": layer_types,
         "sliding_window": 12, "block_size": block_size, "num_target_layers": target_layers,
         "tie_word_embeddings": False,
-        "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": taps,
+        "dflash_config": {"mask_token_id": vocab - 1, "target_layer_ids": taps,
                           "block_size": block_size},
     }
 

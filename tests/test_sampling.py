@@ -1,0 +1,125 @@
+"""Sampled fused decoding follows the target's distribution exactly, and seeds reproduce."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import product
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+from tiny import drafter_config, make_target, save_random_drafter
+
+from mlx_engine.drafter import load_drafter
+from mlx_engine.sampling import SamplingParams, probs
+from mlx_engine.speculative import DFlashDraftSource, collect, fused_stream
+from mlx_engine.verifier import Verifier
+
+V = 6  # tiny vocab: every joint outcome of two tokens gets many samples
+PROMPT = [2, 3, 4, 1, 3, 2, 4, 0, 1, 2] * 3  # 30 tokens, longer than the window
+PARAMS = SamplingParams(temp=1.0)
+RUNS = 1500
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    verifier = Verifier(make_target("gemma3_text", seed=2, vocab=V))
+    path = tmp_path_factory.mktemp("drafter")
+    save_random_drafter(path, drafter_config(verifier.num_layers, block_size=4, vocab=V))
+    drafter = load_drafter(path)
+    verifier.set_taps(drafter.config.target_layer_ids)
+    return verifier, drafter
+
+
+def _next_probs(verifier: Verifier, tokens: list[int]) -> np.ndarray:
+    logits = verifier.forward(mx.array([tokens]), verifier.make_cache(), with_taps=False).logits
+    return np.array(probs(logits[0, -1], PARAMS))
+
+
+def _exact_joint(verifier: Verifier) -> dict[tuple[int, int, int], float]:
+    """P(t0, t1, t2 | prompt) under the target alone, by enumeration."""
+    p0 = _next_probs(verifier, PROMPT)
+    joint = {}
+    for t0 in range(V):
+        p1 = _next_probs(verifier, [*PROMPT, t0])
+        for t1 in range(V):
+            p2 = _next_probs(verifier, [*PROMPT, t0, t1])
+            for t2 in range(V):
+                joint[t0, t1, t2] = float(p0[t0] * p1[t1] * p2[t2])
+    return joint
+
+
+def _fused(verifier, drafter, seed: int, n: int = 3) -> list[int]:
+    source = DFlashDraftSource(drafter, verifier)
+    return collect(fused_stream(verifier, source, PROMPT, n, 4, params=PARAMS, seed=seed))
+
+
+def _pooled_chisquare(counts: Counter, expected: dict, total: int) -> float:
+    """p-value of counts vs expected, pooling cells expected below 5 into one."""
+    obs, exp, small_obs, small_exp = [], [], 0, 0.0
+    for key, p in expected.items():
+        if p * total >= 5:
+            obs.append(counts.get(key, 0))
+            exp.append(p * total)
+        else:
+            small_obs += counts.get(key, 0)
+            small_exp += p * total
+    if small_exp > 0:
+        obs.append(small_obs)
+        exp.append(small_exp)
+    exp = np.array(exp) * (sum(obs) / sum(exp))
+    return float(chisquare(obs, exp).pvalue)
+
+
+def test_emitted_tokens_follow_the_target_distribution(pair):
+    verifier, drafter = pair
+    joint = _exact_joint(verifier)
+    runs = [tuple(_fused(verifier, drafter, seed)) for seed in range(RUNS)]
+    pair_joint: dict[tuple[int, int], float] = Counter()
+    for (t0, t1, _), p in joint.items():
+        pair_joint[t0, t1] += p
+    third: dict[int, float] = Counter()
+    for (_, _, t2), p in joint.items():
+        third[t2] += p
+    assert _pooled_chisquare(Counter(r[:2] for r in runs), pair_joint, RUNS) > 1e-3
+    assert _pooled_chisquare(Counter(r[2] for r in runs), third, RUNS) > 1e-3
+    assert _pooled_chisquare(Counter(runs), joint, RUNS) > 1e-3
+
+
+def test_the_chi_square_check_has_power(pair):
+    """Sampling t1 from the drafter instead of the target is caught by the same check."""
+    verifier, drafter = pair
+    p0 = _next_probs(verifier, PROMPT)
+    source = DFlashDraftSource(drafter, verifier)
+    wrong: Counter = Counter()
+    rng = np.random.default_rng(0)
+    t0_draws = rng.choice(V, size=RUNS, p=p0 / p0.sum())
+    draft_p = {}
+    for t0 in range(V):
+        cache = verifier.make_cache()
+        source = DFlashDraftSource(drafter, verifier)
+        verifier.prefill(mx.array([PROMPT]), cache, source.extend)
+        draft_p[t0] = np.array(probs(source.draft_logits(mx.array([t0]), 4)[0], PARAMS))
+    for t0 in t0_draws:
+        q = draft_p[int(t0)]
+        wrong[int(t0), int(rng.choice(V, p=q / q.sum()))] += 1
+    truth: dict[tuple[int, int], float] = {}
+    for t0, t1 in product(range(V), range(V)):
+        truth[t0, t1] = float(p0[t0] * _next_probs(verifier, [*PROMPT, t0])[t1])
+    assert _pooled_chisquare(wrong, truth, RUNS) < 1e-3
+
+
+def test_fixed_seed_reproduces_and_seeds_differ(pair):
+    verifier, drafter = pair
+    a = _fused(verifier, drafter, seed=7, n=24)
+    assert a == _fused(verifier, drafter, seed=7, n=24)
+    assert any(_fused(verifier, drafter, seed=s, n=24) != a for s in (8, 9, 10))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = mx.array([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    top_k = probs(logits, SamplingParams(temp=1.0, top_k=2))[0].tolist()
+    assert all(p == 0 for p in top_k[2:]) and abs(sum(top_k) - 1) < 1e-6
+    top_p = probs(logits, SamplingParams(temp=1.0, top_p=0.7))[0].tolist()
+    assert top_p[0] > 0 and top_p[1] > 0 and all(p == 0 for p in top_p[2:])
