@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
+from .convert_gguf import cache_root
 from .errors import UserError
 
 DEFAULT = "default"
@@ -62,13 +62,6 @@ def resolve_drafter(spec: str) -> Path:
     return _resolve(spec, "drafter", ["*.json", "*.safetensors"])
 
 
-def _hash_cache_file() -> Path:
-    root = os.environ.get("KAKEYA_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    ) / "kakeya-mlx"
-    return Path(root) / "dir-sha256.json"
-
-
 def dir_sha256(path: Path) -> str:
     """sha256 over config.json and every *.safetensors file (names and bytes), cached by mtime.
 
@@ -78,7 +71,7 @@ def dir_sha256(path: Path) -> str:
     files = sorted([path / "config.json", *path.glob("*.safetensors")])
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = str(path.resolve())
-    cache_file = _hash_cache_file()
+    cache_file = cache_root() / "dir-sha256.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
