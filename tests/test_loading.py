@@ -1,0 +1,82 @@
+"""Loading paths users hit on a Mac: quantized targets, sharded drafters, Hugging Face ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from tiny import drafter_config, make_target, prompt_tokens, save_model_dir, save_random_drafter
+
+from mlx_engine.drafter import load_drafter
+from mlx_engine.engine import Engine
+from mlx_engine.errors import UserError
+from mlx_engine.sources import resolve_drafter, resolve_model
+from mlx_engine.speculative import DFlashDraftSource, ar_stream, collect, fused_stream
+from mlx_engine.verifier import Verifier
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])
+def test_quantized_target_is_lossless(family, tmp_path):
+    model = make_target(family)
+    nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    verifier = Verifier(model)
+    verifier.check_adapter()
+    save_random_drafter(tmp_path, drafter_config(verifier.num_layers, block_size=8))
+    drafter = load_drafter(tmp_path)
+    verifier.set_taps(drafter.config.target_layer_ids)
+    prompt = prompt_tokens(48, seed=21)
+    ar = collect(ar_stream(verifier, prompt, 64))
+    fused = collect(fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, 64, 8))
+    assert fused == ar
+
+
+def test_sharded_drafter_loads_like_a_single_file(tmp_path):
+    single = save_random_drafter(tmp_path / "single", drafter_config(6), seed=9)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(single / "config.json", sharded)
+    weights = mx.load(str(single / "model.safetensors"))
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    index = {"weight_map": {}}
+    for file, keys in halves.items():
+        mx.save_safetensors(str(sharded / file), {k: weights[k] for k in keys})
+        index["weight_map"].update(dict.fromkeys(keys, file))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    a = dict(tree_flatten(load_drafter(single).parameters()))
+    b = dict(tree_flatten(load_drafter(sharded).parameters()))
+    assert a.keys() == b.keys() == weights.keys()
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def _fake_hub_cache(hub: Path, repo_id: str, source: Path) -> None:
+    """Lay `source` out as huggingface_hub's cache would after a download."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_ids_resolve_through_huggingface_hub_offline(tmp_path, monkeypatch):
+    model_src = save_model_dir(tmp_path / "src-model")
+    draft_src = save_random_drafter(tmp_path / "src-draft", drafter_config(6, block_size=4))
+    hub = tmp_path / "hub"
+    _fake_hub_cache(hub, "tiny-org/tiny-model", model_src)
+    _fake_hub_cache(hub, "tiny-org/tiny-DFlash", draft_src)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert (resolve_model("tiny-org/tiny-model", "float32") / "config.json").is_file()
+    assert (resolve_drafter("tiny-org/tiny-DFlash") / "model.safetensors").is_file()
+    engine = Engine.load("tiny-org/tiny-model", "tiny-org/tiny-DFlash")
+    assert engine.drafter.config.block_size == 4
+    with pytest.raises(UserError, match="cannot fetch model 'tiny-org/absent'"):
+        resolve_model("tiny-org/absent", "float32")
