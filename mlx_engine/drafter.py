@@ -22,6 +22,8 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .errors import UserError
 
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional; read by proposer.load_draft_vocab
+
 
 def build_target_layer_ids(num_target_layers: int, num_taps: int) -> list[int]:
     """Evenly spread taps over the target, skipping the first and last few layers."""
@@ -238,7 +240,7 @@ class DFlashDrafter(nn.Module):
 
 # --- loading -----------------------------------------------------------------------------
 def _read_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != DRAFT_VOCAB_FILE)
     if not files:
         raise UserError(f"drafter dir {path} has no *.safetensors files")
     weights: dict[str, mx.array] = {}

@@ -11,9 +11,10 @@ import mlx.core as mx
 
 from .drafter import DFlashDrafter, check_compatible, load_drafter
 from .errors import UserError
+from .proposer import DFlashDraftSource, DraftHead, load_draft_vocab
 from .sampling import SamplingParams
 from .sources import DEFAULT, dir_sha256, resolve_drafter, resolve_model
-from .speculative import DecodeStats, DFlashDraftSource, GraphMode, ar_stream, fused_stream
+from .speculative import BlockSize, DecodeStats, GraphMode, ar_stream, fused_stream
 from .verifier import Verifier
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -38,7 +39,7 @@ class RunOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     ignore_eos: bool = False
-    block_size: int | None = None
+    block_size: BlockSize | None = None  # None: the drafter's; a callable: per block
     graph: GraphMode = "two-phase"
     profile: bool = False
 
@@ -74,13 +75,16 @@ def _float_dtype(model) -> str:
 
 class Engine:
     def __init__(self, verifier: Verifier, tokenizer, model_info: ModelInfo,
-                 drafter: DFlashDrafter | None = None, drafter_info: ModelInfo | None = None):
+                 drafter: DFlashDrafter | None = None, drafter_info: ModelInfo | None = None,
+                 draft_vocab: mx.array | None = None):
         self.verifier, self.tokenizer, self.model_info = verifier, tokenizer, model_info
         self.drafter, self.drafter_info = drafter, drafter_info
+        self.draft_head = None
         if drafter is not None:
             cfg = drafter.config
             check_compatible(cfg, verifier.hidden_size, verifier.vocab_size, verifier.num_layers)
             verifier.set_taps(cfg.target_layer_ids)
+            self.draft_head = DraftHead(verifier, draft_vocab)
         verifier.check_adapter()
 
     @classmethod
@@ -89,13 +93,14 @@ class Engine:
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         verifier, tokenizer, info = _load_verifier(model, dtype)
-        drafter = drafter_info = None
+        drafter = drafter_info = vocab = None
         if draft is not None:
             path = resolve_drafter(draft)
             drafter = load_drafter(path)
             drafter.set_dtype(DTYPES[info.dtype])
             drafter_info = ModelInfo(draft, path, dir_sha256(path), info.dtype)
-        return cls(verifier, tokenizer, info, drafter, drafter_info)
+            vocab = load_draft_vocab(path, verifier.vocab_size)
+        return cls(verifier, tokenizer, info, drafter, drafter_info, vocab)
 
     # --- text ----------------------------------------------------------------------------
     def encode(self, prompt: str, chat_template: bool | None = None) -> list[int]:
@@ -129,9 +134,9 @@ class Engine:
                       seed=opts.seed, stats=stats)
         if mode == "ar":
             return ar_stream(self.verifier, prompt, opts.max_tokens, **common)
-        source = DFlashDraftSource(self.drafter, self.verifier)
-        return fused_stream(self.verifier, source, prompt, opts.max_tokens,
-                            self.block_size(opts.block_size), graph=opts.graph,
+        source = DFlashDraftSource(self.drafter, self.verifier, self.draft_head)
+        size = opts.block_size if callable(opts.block_size) else self.block_size(opts.block_size)
+        return fused_stream(self.verifier, source, prompt, opts.max_tokens, size, graph=opts.graph,
                             profile=opts.profile, **common)
 
     def run(self, mode: str, prompt: list[int], opts: RunOptions,

@@ -11,14 +11,14 @@ graph: 1 sync per block.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .drafter import DFlashDrafter
+from .proposer import DraftSource
 from .sampling import SamplingParams, greedy_accept, pick, probs, rejection_accept
 from .verifier import Verifier
 
@@ -54,41 +54,16 @@ class DecodeStats:
     def syncs_per_block(self) -> float:
         return self.host_syncs / self.blocks if self.blocks else 0.0
 
-
-class DraftSource(Protocol):
-    """What the loop needs from a drafter; tests wrap it to force acceptance counts."""
-
-    def extend(self, taps: mx.array) -> None: ...
-
-    def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array: ...
-
-    def pending(self) -> list[mx.array]: ...
-
-
-class DFlashDraftSource:
-    """A DFlash drafter bound to one verifier and one sequence's context cache."""
-
-    def __init__(self, drafter: DFlashDrafter, verifier: Verifier):
-        self.drafter = drafter
-        self.verifier = verifier
-        self.cache: list[KVCache] = drafter.make_context_cache()
-        self.mask = mx.array([drafter.config.mask_token_id], dtype=mx.int32)
-
     @property
-    def context_len(self) -> int:
-        return self.cache[0].offset
+    def e2e_tok_s(self) -> float:
+        """All new tokens per second of prefill + decode (what a user waits for)."""
+        total = self.prefill_s + self.decode_s
+        return self.new_tokens / total if total > 0 else 0.0
 
-    def extend(self, taps: mx.array) -> None:
-        self.drafter.extend_context(taps, self.cache)
 
-    def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array:
-        ids = mx.concatenate([anchor.astype(mx.int32), mx.repeat(self.mask, block_size - 1)])
-        return self.drafter.draft_logits(
-            ids[None], self.cache, self.verifier.embed, self.verifier.raw_head
-        )[0]
-
-    def pending(self) -> list[mx.array]:
-        return [a for c in self.cache for a in (c.keys, c.values)]
+# A fixed verified width, or a policy asked before every block (any width 2..B is exact:
+# each block is verified on its own).
+BlockSize = int | Callable[[DecodeStats], int]
 
 
 def _keys(seed: int | None) -> Iterator[mx.array]:
@@ -184,7 +159,7 @@ def fused_stream(
     source: DraftSource,
     prompt: list[int],
     max_tokens: int,
-    block_size: int,
+    block_size: BlockSize,
     params: SamplingParams = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
     seed: int | None = None,
@@ -205,13 +180,9 @@ def fused_stream(
         stats.extend_s = 0.0
     while not emit.done:
         t0 = time.perf_counter()
+        width = block_size(stats) if callable(block_size) else block_size
         anchor_arr = mx.array([anchor], dtype=mx.int32)
-        draft_logits = source.draft_logits(anchor_arr, block_size)
-        if params.greedy:
-            drafts, draft_p = mx.argmax(draft_logits, axis=-1).astype(mx.int32), None
-        else:
-            draft_p = probs(draft_logits, params)
-            drafts = pick(draft_logits, params, next(keys)).astype(mx.int32)
+        drafts, draft_p = source.propose(anchor_arr, width, params, next(keys))
         if graph == "two-phase":
             mx.eval(drafts, *([] if draft_p is None else [draft_p]))
             stats.host_syncs += 1
@@ -229,7 +200,7 @@ def fused_stream(
         n_acc = values[0]
         t2 = time.perf_counter()
 
-        verifier.trim(cache, block_size - 1 - n_acc)
+        verifier.trim(cache, width - 1 - n_acc)
         source.extend(block.taps[:, : n_acc + 1])
         if profile:
             mx.eval(source.pending())

@@ -105,13 +105,34 @@ class Verifier:
         """Plain embedding lookup, without any model-specific scale (the drafter's input)."""
         return self.inner.embed_tokens(ids)
 
-    def raw_head(self, h: mx.array) -> mx.array:
-        """Output projection without the final soft-cap (what the drafter reuses)."""
+    def _head_layer(self) -> nn.Module:
         if getattr(self.model, "tie_word_embeddings", False) or not hasattr(
             self.model, "lm_head"
         ):
-            return self.inner.embed_tokens.as_linear(h)
-        return self.model.lm_head(h)
+            return self.inner.embed_tokens
+        return self.model.lm_head
+
+    def raw_head(self, h: mx.array) -> mx.array:
+        """Output projection without the final soft-cap (what the drafter reuses)."""
+        layer = self._head_layer()
+        if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
+            return layer.as_linear(h)
+        return layer(h)
+
+    def raw_head_rows(self, ids: mx.array) -> Callable[[mx.array], mx.array]:
+        """`raw_head` restricted to vocabulary rows `ids`, gathered once (quantized too)."""
+        layer = self._head_layer()
+        rows = {k: layer[k][ids] for k in ("weight", "scales", "biases", "bias")
+                if layer.get(k) is not None}
+        mx.eval(rows)
+        if "scales" in rows:
+            return lambda h: mx.quantized_matmul(
+                h, rows["weight"], rows["scales"], rows.get("biases"), transpose=True,
+                group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+            )
+        if "bias" in rows:
+            return lambda h: h @ rows["weight"].T + rows["bias"]
+        return lambda h: h @ rows["weight"].T
 
     def head(self, h: mx.array) -> mx.array:
         logits = self.raw_head(h)

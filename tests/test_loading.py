@@ -13,11 +13,13 @@ import pytest
 from mlx.utils import tree_flatten
 from tiny import drafter_config, make_target, prompt_tokens, save_model_dir, save_random_drafter
 
-from mlx_engine.drafter import load_drafter
-from mlx_engine.engine import Engine
+from mlx_engine.drafter import DRAFT_VOCAB_FILE, load_drafter
+from mlx_engine.engine import Engine, RunOptions
 from mlx_engine.errors import UserError
+from mlx_engine.proposer import DFlashDraftSource
+from mlx_engine.sampling import SamplingParams
 from mlx_engine.sources import resolve_drafter, resolve_model
-from mlx_engine.speculative import DFlashDraftSource, ar_stream, collect, fused_stream
+from mlx_engine.speculative import ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
 
@@ -80,3 +82,22 @@ def test_hub_ids_resolve_through_huggingface_hub_offline(tmp_path, monkeypatch):
     assert engine.drafter.config.block_size == 4
     with pytest.raises(UserError, match="cannot fetch model 'tiny-org/absent'"):
         resolve_model("tiny-org/absent", "float32")
+
+
+def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tmp_path, capsys):
+    model_dir = save_model_dir(tmp_path / "model")
+    draft = save_random_drafter(tmp_path / "draft", drafter_config(6, block_size=8))
+    subset = mx.arange(0, 97, 3, dtype=mx.int32)
+    mx.save_safetensors(str(draft / DRAFT_VOCAB_FILE), {"token_ids": subset})
+    engine = Engine.load(str(model_dir), str(draft))
+    assert engine.draft_head.vocab_ids.tolist() == subset.tolist()
+    source = DFlashDraftSource(engine.drafter, engine.verifier, engine.draft_head)
+    prompt = prompt_tokens(40, seed=4)
+    engine.verifier.prefill(mx.array([prompt]), engine.verifier.make_cache(), source.extend)
+    drafts, _ = source.propose(mx.array([5]), 8, SamplingParams(), mx.random.key(0))
+    assert all(t % 3 == 0 for t in drafts.tolist())
+    opts = RunOptions(max_tokens=48, ignore_eos=True)
+    assert engine.run("fused", prompt, opts).tokens == engine.run("ar", prompt, opts).tokens
+    mx.save_safetensors(str(draft / DRAFT_VOCAB_FILE), {"token_ids": mx.array([1, 500])})
+    with pytest.raises(UserError, match="token ids in \\[0, 97\\)"):
+        Engine.load(str(model_dir), str(draft))

@@ -17,13 +17,8 @@ from tiny import (
 )
 
 from mlx_engine.drafter import load_drafter
-from mlx_engine.speculative import (
-    DecodeStats,
-    DFlashDraftSource,
-    ar_stream,
-    collect,
-    fused_stream,
-)
+from mlx_engine.proposer import DFlashDraftSource
+from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
 FAMILIES = ["gemma3_text", "gemma4_text", "qwen3", "llama"]
@@ -102,12 +97,12 @@ class ForcedSource(DFlashDraftSource):
         super().__init__(drafter, verifier)
         self.prompt_len, self.reference, self.correct = prompt_len, reference, correct
 
-    def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array:
-        real = super().draft_logits(anchor, block_size)  # keep the real drafter graph running
+    def propose(self, anchor, block_size, params, key):
+        real, _ = super().propose(anchor, block_size, params, key)  # keep the drafter running
         g = self.context_len - self.prompt_len  # index of the anchor among generated tokens
         truth = self.reference[g + 1 : g + block_size]
         forced = [t if i < self.correct else (t + 1) % VOCAB for i, t in enumerate(truth)]
-        return real * 0 + mx.eye(VOCAB)[mx.array(forced)] * 50.0
+        return real * 0 + mx.array(forced, dtype=mx.int32), None
 
 
 @pytest.mark.parametrize("block_size", [4, 8])

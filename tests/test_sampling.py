@@ -12,8 +12,9 @@ from scipy.stats import chisquare
 from tiny import drafter_config, make_target, save_random_drafter
 
 from mlx_engine.drafter import load_drafter
+from mlx_engine.proposer import DFlashDraftSource, DraftHead
 from mlx_engine.sampling import SamplingParams, probs
-from mlx_engine.speculative import DFlashDraftSource, collect, fused_stream
+from mlx_engine.speculative import collect, fused_stream
 from mlx_engine.verifier import Verifier
 
 V = 6  # tiny vocab: every joint outcome of two tokens gets many samples
@@ -50,8 +51,8 @@ def _exact_joint(verifier: Verifier) -> dict[tuple[int, int, int], float]:
     return joint
 
 
-def _fused(verifier, drafter, seed: int, n: int = 3) -> list[int]:
-    source = DFlashDraftSource(drafter, verifier)
+def _fused(verifier, drafter, seed: int, n: int = 3, head: DraftHead | None = None) -> list[int]:
+    source = DFlashDraftSource(drafter, verifier, head)
     return collect(fused_stream(verifier, source, PROMPT, n, 4, params=PARAMS, seed=seed))
 
 
@@ -72,10 +73,13 @@ def _pooled_chisquare(counts: Counter, expected: dict, total: int) -> float:
     return float(chisquare(obs, exp).pvalue)
 
 
-def test_emitted_tokens_follow_the_target_distribution(pair):
+@pytest.mark.parametrize("draft_vocab", [None, [0, 2, 3, 5]], ids=["full", "draft-vocab"])
+def test_emitted_tokens_follow_the_target_distribution(pair, draft_vocab):
+    """Also when drafts come from a vocabulary subset: q is 0 outside it, still exact."""
     verifier, drafter = pair
     joint = _exact_joint(verifier)
-    runs = [tuple(_fused(verifier, drafter, seed)) for seed in range(RUNS)]
+    head = DraftHead(verifier, None if draft_vocab is None else mx.array(draft_vocab))
+    runs = [tuple(_fused(verifier, drafter, seed, head=head)) for seed in range(RUNS)]
     pair_joint: dict[tuple[int, int], float] = Counter()
     for (t0, t1, _), p in joint.items():
         pair_joint[t0, t1] += p
