@@ -9,7 +9,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .drafter import DFlashDrafter, check_compatible, load_drafter
+from .drafter import DFlashDrafter, load_drafter
+from .drafter_config import check_compatible
 from .errors import UserError
 from .proposer import DFlashDraftSource, DraftHead, load_draft_vocab
 from .sampling import SamplingParams

@@ -10,7 +10,7 @@ import pytest
 from tiny import save_random_drafter
 
 from mlx_engine import evidence
-from mlx_engine.drafter import build_target_layer_ids
+from mlx_engine.drafter_config import build_target_layer_ids
 from mlx_engine.generate import main
 
 pytestmark = pytest.mark.slow

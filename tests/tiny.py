@@ -88,7 +88,8 @@ def drafter_config(
 
 def save_random_drafter(path: Path, config: dict[str, Any], seed: int = 1) -> Path:
     """Write a random drafter in z-lab format (config.json + model.safetensors)."""
-    from mlx_engine.drafter import DFlashDrafter, DrafterConfig
+    from mlx_engine.drafter import DFlashDrafter
+    from mlx_engine.drafter_config import DrafterConfig
 
     mx.random.seed(seed)
     model = DFlashDrafter(DrafterConfig.from_dict(config))
