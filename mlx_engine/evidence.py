@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from . import __version__
 from .engine import Engine, RunResult
+from .speculative import DecodeStats
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "evidence.v1.json"
 
@@ -71,11 +72,23 @@ def output_sha256(tokens: list[int]) -> str:
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
 
 
-def _accept_hist(accepted: list[int], block_size: int) -> list[int]:
-    hist = [0] * block_size
-    for a in accepted:
-        hist[a] += 1
+def histogram(values: list[int], size: int) -> list[int]:
+    """hist[k] = how many values equal k (drafts accepted per block, block widths)."""
+    hist = [0] * size
+    for v in values:
+        hist[v] += 1
     return hist
+
+
+def timing(result: RunResult) -> dict[str, Any]:
+    """An arm's speed: decode-only (tokens after the first) and end to end (prefill included)."""
+    s = result.stats
+    return {"decode_tok_s": s.decode_tok_s, "prefill_s": s.prefill_s, "e2e_tok_s": s.e2e_tok_s,
+            "new_tokens": len(result.tokens)}
+
+
+def time_split(stats: DecodeStats) -> dict[str, float | None]:
+    return {"draft": stats.draft_s, "verify": stats.verify_s, "extend": stats.extend_s}
 
 
 def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
@@ -92,23 +105,21 @@ def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
         "output_sha256": output_sha256(ran.tokens),
     }
     if ar is not None:
-        record["ar"] = {"decode_tok_s": ar.stats.decode_tok_s, "prefill_s": ar.stats.prefill_s,
-                        "new_tokens": len(ar.tokens)}
+        record["ar"] = timing(ar)
     if fused is not None:
         s = fused.stats
         record["fused"] = {
-            "decode_tok_s": s.decode_tok_s,
-            "prefill_s": s.prefill_s,
+            **timing(fused),
             "mean_accept_len": s.mean_accept_len,
-            "accept_hist": _accept_hist(s.accepted, block_size or 1),
+            "accept_hist": histogram(s.accepted, block_size or 1),
             "blocks": s.blocks,
             "syncs_per_block": s.syncs_per_block,
-            "time_split_s": {"draft": s.draft_s, "verify": s.verify_s, "extend": s.extend_s},
+            "time_split_s": time_split(s),
         }
     return record
 
 
-def _median(values: list[float]) -> float | None:
+def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
@@ -123,9 +134,9 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
                     for s in samples if s["fused"])
     compared = [s["lossless"] for s in samples if s["lossless"] is not None]
     return {
-        "ar_decode_tok_s": _median(ar),
-        "fused_decode_tok_s": _median(fused),
-        "speedup_vs_ar": _median(ratios),
+        "ar_decode_tok_s": median(ar),
+        "fused_decode_tok_s": median(fused),
+        "speedup_vs_ar": median(ratios),
         "mean_accept_len": committed / blocks if blocks else None,
         "lossless_all": all(compared) if compared else None,
     }
