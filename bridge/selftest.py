@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from bridge.presets import models_root
 from mlx_engine.errors import cli_entry
+from mlx_engine.host import chip, sysctl
 
 SCHEMA = "kakeya-bridge-selftest/v1"
 
@@ -27,30 +27,10 @@ def host_info() -> dict[str, Any]:
     return {
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
-        "chip": _chip(),
+        "chip": chip(),
         "python": platform.python_version(),
         "mlx": _version("mlx"),
     }
-
-
-def _chip() -> str:
-    if sys.platform == "darwin":
-        return _sysctl("machdep.cpu.brand_string") or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _sysctl(name: str) -> str | None:
-    try:
-        done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None
 
 
 def _version(dist: str) -> str | None:
@@ -64,7 +44,7 @@ def _memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        value = _sysctl("hw.memsize")
+        value = sysctl("hw.memsize")
         return int(value) if value and value.isdigit() else None
 
 

@@ -19,7 +19,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +166,7 @@ def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace
     try:
         gguf_sha256 = _sha256(gguf_path)
         say("reading metadata (the 262k-token vocabulary is slow to parse)")
-        reader = _open_gguf(gguf_path)
+        reader = open_gguf(gguf_path)
         config = gguf_config(reader, dtype)
         say("building the tokenizer")
         _write_tokenizer(reader, tmp)
@@ -222,7 +222,7 @@ def _check_dtype(dtype: str) -> None:
         raise UserError(f"unsupported dtype {dtype!r}; choose one of {', '.join(SUPPORTED_DTYPES)}")
 
 
-def _open_gguf(gguf_path: Path) -> Any:
+def open_gguf(gguf_path: Path) -> Any:
     """llama.cpp's reader: memory-maps the file, so tensors are only read when dequantized."""
     from gguf import GGUFReader
 
@@ -353,20 +353,27 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{match.group(1)}.{LAYER_TENSORS[match.group(2)]}.weight"
 
 
-def _convert_tensors(reader: Any, dtype: str, progress: bool) -> dict[str, Any]:
-    """Dequantize one tensor at a time, casting each to `dtype` at once, to bound peak memory."""
-    import mlx.core as mx
+def iter_tensors(reader: Any, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(mlx-lm / HF name, float32 array) one tensor at a time; mlx-free (torch reuses it)."""
     from gguf.quants import dequantize
     from tqdm import tqdm
 
-    target = getattr(mx, dtype)
-    weights: dict[str, mx.array] = {}
     for tensor in tqdm(reader.tensors, desc="tensors", unit="tensor", disable=not progress):
         name = hf_name(tensor.name)
         # (out, in): already the Linear layout, no transpose; Gemma's rope is NeoX, no q/k permute.
-        value = dequantize(tensor.data, tensor.tensor_type)
+        value = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         if name.endswith("norm.weight"):
             value = value - 1.0  # llama.cpp stores Gemma's RMSNorm weight as w + 1
+        yield name, value
+
+
+def _convert_tensors(reader: Any, dtype: str, progress: bool) -> dict[str, Any]:
+    """Dequantize one tensor at a time, casting each to `dtype` at once, to bound peak memory."""
+    import mlx.core as mx
+
+    target = getattr(mx, dtype)
+    weights: dict[str, mx.array] = {}
+    for name, value in iter_tensors(reader, progress):
         array = mx.array(value, dtype=mx.float32)
         del value
         weights[name] = array if target == mx.float32 else array.astype(target)

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from . import __version__
 from .engine import Engine, RunResult
+from .host import chip
 from .speculative import DecodeStats
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "evidence.v1.json"
@@ -35,22 +36,6 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
-def _chip() -> str:
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
-                                  capture_output=True, text=True, timeout=5).stdout.strip()
-        except OSError:
-            pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def backend() -> str:
     if mx.default_device() == mx.cpu:
         return "cpu"
@@ -61,7 +46,7 @@ def device_info() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "chip": _chip(),
+        "chip": chip(),
         "mlx_version": mx.__version__,
         "backend": backend(),
         "blas": os.environ.get("LD_PRELOAD") or None,

@@ -94,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     detok = engine.tokenizer.detokenizer
     detok.reset()
+    hidden = engine.stop_ids(ignore_eos=False)  # like mlx-lm: a stop token is not printed
 
     def stream(tokens: list[int]) -> None:
         for t in tokens:
-            detok.add_token(t)
+            if t not in hidden:
+                detok.add_token(t)
         print(detok.last_segment, end="", flush=True)
 
     first = "ar" if args.mode == "ar" else "fused"

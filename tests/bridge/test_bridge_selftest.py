@@ -6,6 +6,7 @@ import json
 import sys
 
 from bridge import selftest
+from mlx_engine import host
 
 
 def test_report_on_this_host(tmp_path, capsys):
@@ -30,6 +31,7 @@ def test_report_on_this_host(tmp_path, capsys):
 def test_missing_metal_fails_on_a_mac(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(selftest, "mlx_status", lambda: {"importable": True, "metal": False})
-    monkeypatch.setattr(selftest, "_sysctl", lambda name: None)
+    monkeypatch.setattr(selftest, "sysctl", lambda name: None)
+    monkeypatch.setattr(host, "sysctl", lambda name: None)
     doc = selftest.report(tmp_path)
     assert doc["checks"]["metal_ok"] is False and doc["ok"] is False

@@ -1,0 +1,223 @@
+"""Training data: code prompts from the interpreter's own sources, split by file, cached.
+
+Real code is always available offline: the running interpreter's standard library. Files
+are split into train / held-out by a hash of their path relative to the stdlib root, so the
+split is the same on every machine and Python version, and any evaluation that draws its
+prompts from `held_out_files()` never sees a file the drafter was trained on.
+
+The drafter must predict what THIS target emits, so each prompt is paired with the target's
+own greedy continuation (filled in by a torch generator; this module stays torch-free so the
+MLX bench can import the split). Everything lands in one `.npz` token cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sysconfig
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+HELD_OUT_PERCENT = 10
+LENGTH_STEP = 64  # prompt lengths step by this: equal lengths batch without padding
+MAX_FILE_BYTES = 400_000
+CHARS_PER_TOKEN = 8  # generous: excerpts are cut to length after tokenizing
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_held_out(relpath: str) -> bool:
+    """Deterministic file-level split: ~HELD_OUT_PERCENT% of paths, independent of machine."""
+    digest = hashlib.sha256(relpath.encode()).hexdigest()
+    return int(digest[:8], 16) % 100 < HELD_OUT_PERCENT
+
+
+def code_files(root: Path | None = None) -> list[Path]:
+    """All .py sources under root (default: the stdlib), site-packages excluded, sorted."""
+    root = root or stdlib_root()
+    files = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).parts
+        if "site-packages" in rel or "__pycache__" in rel:
+            continue
+        if p.is_file() and 0 < p.stat().st_size <= MAX_FILE_BYTES:
+            files.append(p)
+    if not files:
+        raise UserError(f"no Python sources found under {root}")
+    return files
+
+
+def split_files(root: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(train, held_out) source files."""
+    root = root or stdlib_root()
+    train, held = [], []
+    for p in code_files(root):
+        (held if is_held_out(p.relative_to(root).as_posix()) else train).append(p)
+    return train, held
+
+
+def held_out_files(root: Path | None = None) -> list[Path]:
+    """Files no drafter trained here has seen: draw evaluation / bench prompts from these."""
+    return split_files(root)[1]
+
+
+def find_mask_token(tokenizer: Any) -> int:
+    """A reserved, never-trained vocabulary row (`<unusedN>`): the target's embedding and head
+    already have it, so no row is added (an added row would be neither trained nor exported)."""
+    vocab = tokenizer.get_vocab()
+    unused = sorted(i for tok, i in vocab.items() if tok.startswith("<unused"))
+    if not unused:
+        raise UserError("the tokenizer has no <unusedN> token; pass --mask-token-id")
+    return unused[0]
+
+
+def sample_prompts(
+    files: Sequence[Path],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    n: int,
+    rng: random.Random,
+    min_tokens: int,
+    max_tokens: int,
+    bos_id: int | None,
+) -> list[list[int]]:
+    """n prompts: BOS + a code excerpt starting at a random line, of a length drawn from
+    {min_tokens, min_tokens + LENGTH_STEP, ..., <= max_tokens} (BOS included), so that
+    equal-length prompts batch without padding."""
+    lengths = list(range(min_tokens, max_tokens + 1, LENGTH_STEP))
+    texts: dict[Path, list[str]] = {}
+    prompts: list[list[int]] = []
+    attempts = 0
+    while len(prompts) < n:
+        attempts += 1
+        if attempts > 20 * n + 100:
+            raise UserError(f"could not cut {n} prompts of >= {min_tokens} tokens from the corpus")
+        want = [(rng.choice(files), rng.choice(lengths)) for _ in range(min(n - len(prompts), 256))]
+        excerpts = []
+        for path, length in want:
+            if path not in texts:
+                texts[path] = path.read_text(encoding="utf-8", errors="replace").splitlines(True)
+            lines = texts[path]
+            start = end = rng.randrange(len(lines))
+            chars = 0
+            while end < len(lines) and chars < CHARS_PER_TOKEN * length:
+                chars += len(lines[end])
+                end += 1
+            excerpts.append("".join(lines[start:end]))
+        for (_, length), ids in zip(want, encode_batch(excerpts), strict=True):
+            body = length - (bos_id is not None)
+            if len(ids) >= body:
+                prompts.append(([bos_id] if bos_id is not None else []) + ids[:body])
+    return prompts
+
+
+@dataclass
+class TokenCache:
+    """Prompts, the target's greedy continuations, and which prompts are held out."""
+
+    prompts: list[list[int]]
+    held_out: list[bool]
+    meta: dict[str, Any]
+    continuations: list[list[int]] = field(default_factory=list)
+
+    def indices(self, held_out: bool) -> list[int]:
+        return [i for i, h in enumerate(self.held_out) if h == held_out]
+
+    def has_continuations(self, gen_tokens: int) -> bool:
+        return bool(self.continuations) and self.meta.get("gen_tokens") == gen_tokens
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"held_out": np.asarray(self.held_out, dtype=bool)}
+        arrays.update(_pack("prompts", self.prompts))
+        if self.continuations:
+            arrays.update(_pack("continuations", self.continuations))
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, meta=np.asarray(json.dumps(self.meta)), **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenCache:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"token cache {path} does not exist")
+        try:
+            with np.load(path) as z:
+                meta = json.loads(str(z["meta"]))
+                prompts = _unpack(z, "prompts")
+                conts = _unpack(z, "continuations") if "continuations_flat" in z else []
+                held = z["held_out"].tolist()
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot read token cache {path}: {exc}") from None
+        return cls(prompts, held, meta, conts)
+
+
+def _pack(name: str, rows: list[list[int]]) -> dict[str, np.ndarray]:
+    lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
+    flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(lengths.sum()))
+    return {f"{name}_flat": flat, f"{name}_lengths": lengths}
+
+
+def _unpack(z: Any, name: str) -> list[list[int]]:
+    flat, lengths = z[f"{name}_flat"], z[f"{name}_lengths"]
+    if len(lengths) == 0:
+        return []
+    return [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])]
+
+
+def build_prompt_cache(
+    tokenizer: Any,
+    n_train: int,
+    n_held_out: int,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int,
+    mask_token_id: int | None = None,
+    root: Path | None = None,
+) -> TokenCache:
+    """Prompts for training (train files) and evaluation (held-out files), no continuations."""
+    if not 2 <= min_tokens <= max_tokens:
+        raise UserError(f"prompt lengths need 2 <= min ({min_tokens}) <= max ({max_tokens})")
+    root = root or stdlib_root()
+    train_files, held_files = split_files(root)
+    rng = random.Random(seed)
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    bos = tokenizer.bos_token_id
+    train = sample_prompts(train_files, encode_batch, n_train, rng, min_tokens, max_tokens, bos)
+    held = sample_prompts(held_files, encode_batch, n_held_out, rng, min_tokens, max_tokens, bos)
+    eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<end_of_turn>"])}
+    eos.discard(None)
+    eos.discard(tokenizer.unk_token_id)
+    meta = {
+        "mask_token_id": find_mask_token(tokenizer) if mask_token_id is None else mask_token_id,
+        "eos_ids": sorted(eos),
+        "vocab_size": len(tokenizer),
+        "seed": seed,
+        "corpus": str(root),
+        "held_out_percent": HELD_OUT_PERCENT,
+        "min_prompt_tokens": min_tokens,
+        "max_prompt_tokens": max_tokens,
+    }
+    return TokenCache(train + held, [False] * len(train) + [True] * len(held), meta)
+
+
+def fill_continuations(
+    cache: TokenCache,
+    generate: Callable[[list[list[int]], int], list[list[int]]],
+    gen_tokens: int,
+) -> None:
+    """Pair every prompt with the target's greedy continuation (`generate(prompts, n)`)."""
+    cache.continuations = generate(cache.prompts, gen_tokens)
+    cache.meta["gen_tokens"] = gen_tokens

@@ -1,0 +1,73 @@
+"""Held-out acceptance length tau, by exact simulation of greedy DFlash decoding.
+
+Under greedy verification the committed text IS the target's greedy continuation, so every
+round of speculative decoding can be replayed from that continuation alone: the round at
+anchor s drafts from the taps of positions < s, accepts the a leading drafts that match the
+continuation, commits a + 1 tokens (the bonus is the target's own next token), and the next
+round anchors at s + a + 1. Drafting every possible anchor in a few batched forwards and
+then walking the rounds gives the same tau as running the loop, without the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..reference.torch_drafter import TorchDFlashDrafter
+from ..reference.torch_target import TargetModel
+from .objective import make_blocks
+
+
+@torch.no_grad()
+def accepted_per_anchor(
+    target: TargetModel,
+    drafter: TorchDFlashDrafter,
+    tokens: list[int],
+    first: int,
+    block_size: int,
+    anchors_per_pass: int = 64,
+) -> list[int]:
+    """Leading drafts matching `tokens` for each anchor first..len(tokens)-block_size."""
+    cfg = drafter.config
+    ids = torch.tensor([tokens], device=target.device)
+    taps = target.taps(ids, cfg.target_layer_ids)
+    accepted: list[int] = []
+    for lo in range(first, len(tokens) - block_size + 1, anchors_per_pass):
+        hi = min(lo + anchors_per_pass, len(tokens) - block_size + 1)
+        anchors = torch.arange(lo, hi, device=target.device)[None]
+        block_ids, labels = make_blocks(ids, anchors, block_size, cfg.mask_token_id)
+        embeds = target.embed(block_ids) * cfg.input_embedding_scale
+        hidden = drafter(taps, embeds, anchors).view(1, hi - lo, block_size, -1)[:, :, 1:]
+        drafts = drafter.compute_logits(hidden, target.head).argmax(-1)
+        accepted += (drafts == labels).long().cumprod(-1).sum(-1)[0].tolist()
+    return accepted
+
+
+def acceptance_length(
+    target: TargetModel,
+    drafter: TorchDFlashDrafter,
+    prompts: Sequence[list[int]],
+    continuations: Sequence[list[int]],
+    block_size: int,
+) -> dict[str, Any]:
+    """tau = committed tokens per verify round over all full rounds of all sequences."""
+    rounds = produced = 0
+    for prompt, cont in zip(prompts, continuations, strict=True):
+        tokens = prompt + cont
+        first = len(prompt)
+        accepted = accepted_per_anchor(target, drafter, tokens, first, block_size)
+        s = first
+        while s - first < len(accepted):
+            step = accepted[s - first] + 1
+            rounds += 1
+            produced += step
+            s += step
+    return {
+        "block_size": block_size,
+        "tau": produced / rounds if rounds else float("nan"),
+        "rounds": rounds,
+        "tokens": produced,
+        "sequences": len(prompts),
+    }

@@ -1,0 +1,330 @@
+"""Drafter training: objective pieces, data split, a CPU smoke run, export, tau, MLX parity."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from mlx_engine.errors import UserError  # noqa: E402
+from mlx_engine.training.data import (  # noqa: E402
+    TokenCache,
+    code_files,
+    find_mask_token,
+    held_out_files,
+    is_held_out,
+    split_files,
+    stdlib_root,
+)
+from mlx_engine.training.loop import lr_factor  # noqa: E402
+from mlx_engine.training.objective import (  # noqa: E402
+    decay_weights,
+    default_gamma,
+    dflash_loss,
+    make_blocks,
+    sample_anchors,
+)
+
+SMOKE_STEPS = 50
+SMOKE_ARGS = [
+    "--tiny-random-target", "--device", "cpu", "--quiet", "--seed", "0",
+    "--num-prompts", "48", "--eval-prompts", "6", "--min-prompt-tokens", "32",
+    "--max-prompt-tokens", "64", "--gen-tokens", "40", "--gen-batch-size", "32",
+    "--block-size", "8", "--num-layers", "2", "--head-dim", "16", "--num-heads", "4",
+    "--num-kv-heads", "2", "--intermediate-size", "128", "--batch-size", "8",
+    "--anchors-per-seq", "8", "--seq-len", "128", "--lr", "1e-2", "--log-every", "5",
+    "--ckpt-every", "25", "--export-dtype", "float16",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Shared CI boxes: torch's thread pool spin-waits badly under contention."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# --- objective ---------------------------------------------------------------------------
+def test_decay_weights_follow_dflash():
+    w = decay_weights(16, 7.0)
+    assert w.shape == (15,)
+    assert w[0] == 1.0
+    torch.testing.assert_close(w, torch.exp(-torch.arange(15.0) / 7.0))
+    assert all(w[i] > w[i + 1] for i in range(14))
+    assert (default_gamma(16), default_gamma(10), default_gamma(8)) == (7.0, 5.0, 4.0)
+
+
+def test_anchors_are_distinct_and_blocks_never_cross_the_end():
+    gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    for _ in range(200):
+        b, block = rng.randint(1, 4), rng.choice([2, 4, 8, 16])
+        first = torch.tensor([rng.randint(0, 40) for _ in range(b)])
+        lengths = first + torch.tensor([rng.randint(0, 40) for _ in range(b)])
+        n = rng.randint(1, 24)
+        anchors, keep = sample_anchors(first, lengths, n, block, gen)
+        assert anchors.shape == keep.shape == (b, n)
+        for r in range(b):
+            kept = anchors[r][keep[r]].tolist()
+            room = max(0, int(lengths[r]) - block - int(first[r]) + 1)
+            assert len(kept) == min(n, room) == len(set(kept))
+            assert all(first[r] <= a and a + block - 1 <= lengths[r] - 1 for a in kept)
+
+
+def test_blocks_are_anchor_then_masks_and_labels_follow():
+    tokens = torch.arange(100, 130)[None]
+    block_ids, labels = make_blocks(tokens, torch.tensor([[3, 20]]), 4, mask_token_id=7)
+    assert block_ids.tolist() == [[103, 7, 7, 7, 120, 7, 7, 7]]
+    assert labels.tolist() == [[[104, 105, 106], [121, 122, 123]]]
+
+
+def test_loss_is_decay_weighted_ce_over_kept_blocks():
+    torch.manual_seed(0)
+    b, n, block, h, v = 2, 3, 4, 8, 11
+    hidden = torch.randn(b, n * block, h)
+    head = torch.randn(v, h)
+    labels = torch.randint(0, v, (b, n, block - 1))
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    w = decay_weights(block, 2.0)
+    loss, stats = dflash_loss(hidden, lambda x: x @ head.T, labels, keep, w, chunk_rows=5)
+    logits = (hidden.view(b, n, block, h)[:, :, 1:] @ head.T)[keep]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, v), labels[keep].reshape(-1), reduction="none"
+    ).view(-1, block - 1)
+    torch.testing.assert_close(loss, (ce * w).sum() / (w.sum() * keep.sum()))
+    hits = logits.argmax(-1) == labels[keep]
+    assert stats.accuracy == pytest.approx(hits.float().mean(0).tolist())
+    assert stats.accept == pytest.approx(hits.long().cumprod(-1).sum(-1).float().mean().item())
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    assert lr_factor(0.0, 0.04, 0.1) < 0.01
+    assert lr_factor(0.04, 0.04, 0.1) == pytest.approx(1.0)
+    assert lr_factor(1.0, 0.04, 0.1) == pytest.approx(0.1)
+    values = [lr_factor(p / 100, 0.04, 0.1) for p in range(4, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+# --- data --------------------------------------------------------------------------------
+def test_held_out_split_is_by_path_hash_and_disjoint():
+    root = stdlib_root()
+    train, held = split_files(root)
+    assert held == held_out_files(root)
+    assert set(train).isdisjoint(held)
+    assert sorted(train + held) == code_files(root)
+    assert 0.05 < len(held) / (len(train) + len(held)) < 0.15
+    assert all(is_held_out(p.relative_to(root).as_posix()) for p in held)
+    assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
+
+
+def test_token_cache_round_trip(tmp_path: Path):
+    cache = TokenCache([[2, 5, 6], [2, 7]], [False, True], {"seed": 1, "gen_tokens": 3},
+                       [[8, 9, 1], []])
+    cache.save(tmp_path / "c.npz")
+    again = TokenCache.load(tmp_path / "c.npz")
+    assert (again.prompts, again.held_out, again.meta, again.continuations) == (
+        cache.prompts, cache.held_out, cache.meta, cache.continuations)
+    assert again.indices(held_out=True) == [1] and again.has_continuations(3)
+    with pytest.raises(UserError, match="does not exist"):
+        TokenCache.load(tmp_path / "missing.npz")
+
+
+def test_mask_token_is_a_reserved_unused_row():
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    assert find_mask_token(Tok({"<pad>": 0, "<unused1>": 9, "<unused0>": 6, "a": 7})) == 6
+    with pytest.raises(UserError, match="--mask-token-id"):
+        find_mask_token(Tok({"<pad>": 0, "a": 1}))
+
+
+# --- the CPU smoke run -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    from mlx_engine.train_drafter import main
+
+    out = tmp_path_factory.mktemp("smoke")
+    assert main(["--out", str(out), "--steps", str(SMOKE_STEPS), *SMOKE_ARGS]) == 0
+    return out
+
+
+def test_smoke_run_loss_falls(smoke: Path):
+    log = json.loads((smoke / "train_log.json").read_text())
+    losses = [h["loss"] for h in log["history"]]
+    assert log["steps_done"] == SMOKE_STEPS and len(losses) == SMOKE_STEPS // 5
+    assert sum(losses[-2:]) / 2 < 0.7 * losses[0], losses
+    assert (smoke / "loss_curve.png").stat().st_size > 1000
+    taus = {r["block_size"]: r["tau"] for r in log["held_out_tau"]}
+    assert set(taus) == {4, 8} and all(t >= 1.0 for t in taus.values())
+
+
+def test_export_is_z_lab_format_and_reloads(smoke: Path):
+    from mlx_engine.reference.torch_drafter import SHARD_BYTES, TorchDFlashDrafter
+
+    export = smoke / "drafter"
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"]
+    assert config["dflash_config"]["mask_token_id"] == 4  # <unused0> of the tiny tokenizer
+    assert config["dflash_config"]["target_layer_ids"] == [1, 3]  # 6 target layers, 2 taps
+    files = list(export.glob("*.safetensors"))
+    assert files and all(f.stat().st_size < SHARD_BYTES for f in files)
+    drafter = TorchDFlashDrafter.from_pretrained(export)
+    assert drafter.config.block_size == 8
+
+
+def test_resume_continues_from_the_checkpoint(smoke: Path):
+    from mlx_engine.train_drafter import main
+
+    before = json.loads((smoke / "train_log.json").read_text())["history"]
+    assert main(["--out", str(smoke), "--steps", str(SMOKE_STEPS + 10), "--resume",
+                 *SMOKE_ARGS]) == 0
+    log = json.loads((smoke / "train_log.json").read_text())
+    assert log["steps_done"] == SMOKE_STEPS + 10
+    assert log["history"][: len(before)] == before
+    assert "generate_s" not in log["timings"]  # the token cache was reused
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys):
+    from mlx_engine.train_drafter import main
+
+    cases = [
+        ["--model", str(tmp_path / "nope")],
+        ["--tiny-random-target", "--block-size", "1"],
+        ["--tiny-random-target", "--min-prompt-tokens", "300", "--max-prompt-tokens", "64"],
+        ["--tiny-random-target", "--steps", "0"],
+        ["--tiny-random-target", "--resume"],
+    ]
+    for extra in cases:
+        assert main(["--out", str(tmp_path / "run"), "--device", "cpu", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+
+
+def test_train_until_already_past_is_one_line(smoke: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from mlx_engine.train_drafter import main
+
+    shutil.copytree(smoke / "tiny-target", tmp_path / "tiny-target")
+    assert main(["--out", str(tmp_path), "--data", str(smoke / "data.npz"),  # no generation
+                 "--steps", "5", "--train-until", "0.01", *SMOKE_ARGS]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' load bar
+    assert last.startswith("error: --train-until 0.01s passed")
+
+
+# --- tau: the simulation equals running greedy DFlash --------------------------------------
+def run_greedy_dflash(target, drafter, prompt: list[int], n_new: int, block: int):
+    """The real loop: draft, verify with one target forward, commit, extend the context."""
+    ids = drafter.config.target_layer_ids
+    mask = drafter.config.mask_token_id
+    logits, taps = target.forward_with_taps(torch.tensor([prompt]), ids)
+    cache = drafter.make_context_cache()
+    drafter.extend_context(taps, cache)
+    tokens = [*prompt, int(logits[0, -1].argmax())]
+    rounds = []
+    while len(tokens) - len(prompt) < n_new:
+        s = len(tokens) - 1  # the anchor's position
+        block_ids = torch.tensor([[tokens[s]] + [mask] * (block - 1)])
+        drafts = drafter.draft_logits(block_ids, cache, target.embed, target.head)
+        drafts = drafts.argmax(-1)[0].tolist()
+        logits, taps = target.forward_with_taps(torch.tensor([tokens + drafts]), ids)
+        post = logits[0, s:].argmax(-1).tolist()  # target's choice after each block row
+        a = next((i for i, (d, p) in enumerate(zip(drafts, post, strict=False)) if d != p),
+                 len(drafts))
+        drafter.extend_context(taps[:, s : s + a + 1], cache)
+        tokens += [*drafts[:a], post[a]]
+        rounds.append((s, a + 1))
+    return tokens[len(prompt) :], rounds
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_tau_simulation_equals_the_real_loop(smoke: Path, block: int):
+    from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
+    from mlx_engine.reference.torch_target import load_target
+    from mlx_engine.training.evaluate import acceptance_length
+
+    target = load_target(smoke / "tiny-target")
+    drafter = TorchDFlashDrafter.from_pretrained(smoke / "drafter").eval()
+    cache = TokenCache.load(smoke / "data.npz")
+    prompts = [cache.prompts[i] for i in cache.indices(held_out=True)][:3]
+    gen = 40
+    conts = target.greedy_continue(prompts, gen, progress=False)
+    rounds = produced = 0
+    for prompt, cont in zip(prompts, conts, strict=True):
+        emitted, steps = run_greedy_dflash(target, drafter, prompt, gen, block)
+        assert emitted[:gen] == cont  # lossless
+        full = [n for s, n in steps if s <= len(prompt) + gen - block]
+        rounds, produced = rounds + len(full), produced + sum(full)
+    sim = acceptance_length(target, drafter, prompts, conts, block)
+    assert (sim["rounds"], sim["tokens"]) == (rounds, produced)
+    assert math.isclose(sim["tau"], produced / rounds)
+
+
+# --- MLX parity --------------------------------------------------------------------------
+def test_export_loads_in_mlx_and_fp32_drafts_match_torch(smoke: Path, tmp_path: Path):
+    mx = pytest.importorskip("mlx.core")
+    from mlx_engine.drafter import load_drafter
+    from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
+    from mlx_engine.reference.torch_target import load_target
+
+    load_drafter(smoke / "drafter")  # the float16 export itself loads
+    torch_drafter = TorchDFlashDrafter.from_pretrained(smoke / "drafter").eval()
+    torch_drafter.save_pretrained(tmp_path, dtype=torch.float32)
+    mlx_drafter = load_drafter(tmp_path)
+    cfg = torch_drafter.config
+    assert (mlx_drafter.config.block_size, mlx_drafter.config.mask_token_id,
+            mlx_drafter.config.target_layer_ids) == (cfg.block_size, cfg.mask_token_id,
+                                                     cfg.target_layer_ids)
+
+    target = load_target(smoke / "tiny-target")
+    cache = TokenCache.load(smoke / "data.npz")
+    i = cache.indices(held_out=True)[0]
+    tokens = cache.prompts[i] + cache.continuations[i]
+    taps = target.taps(torch.tensor([tokens]), cfg.target_layer_ids)
+    emb = mx.array(target.embed_weight.detach().numpy())
+
+    def mlx_embed(ids):
+        return emb[ids]
+
+    def mlx_head(h):
+        return h @ emb.T
+
+    t_cache, m_cache = torch_drafter.make_context_cache(), mlx_drafter.make_context_cache()
+    for lo, hi in [(0, 20), (20, 31), (31, 32)]:  # context grows in uneven chunks
+        torch_drafter.extend_context(taps[:, lo:hi], t_cache)
+        mlx_drafter.extend_context(mx.array(taps[:, lo:hi].numpy()), m_cache)
+        block = [tokens[hi]] + [cfg.mask_token_id] * (cfg.block_size - 1)
+        want = torch_drafter.draft_logits(torch.tensor([block]), t_cache, target.embed,
+                                          target.head)
+        got = mlx_drafter.draft_logits(mx.array([block]), m_cache, mlx_embed, mlx_head)
+        got = torch.from_numpy(np.array(got))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+def test_tiny_target_loads_in_mlx_lm_with_equal_logits(smoke: Path):
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm import load
+
+    from mlx_engine.reference.torch_target import load_target
+
+    model, tokenizer = load(str(smoke / "tiny-target"))
+    ids = tokenizer.encode("def f(x):\n    return [x for x in range(3)]  # longer than the window")
+    assert ids[0] == 2 and len(ids) > 16  # BOS; past the 16-token sliding window
+    want = load_target(smoke / "tiny-target").model(torch.tensor([ids])).logits.detach()
+    got = torch.from_numpy(np.array(model(mx.array([ids])).astype(mx.float32)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
