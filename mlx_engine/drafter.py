@@ -18,10 +18,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .drafter_config import DrafterConfig
+from .drafter_config import DRAFT_VOCAB_FILE, DrafterConfig
 from .errors import UserError
-
-DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional; read by proposer.load_draft_vocab
 
 
 def block_mask(start: int, size: int, causal: bool, window: int | None) -> mx.array | None:

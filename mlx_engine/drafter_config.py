@@ -11,6 +11,8 @@ from typing import Any
 
 from .errors import UserError
 
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional token subset; not a weight file
+
 
 def build_target_layer_ids(num_target_layers: int, num_taps: int) -> list[int]:
     """Evenly spread taps over the target, skipping the first and last few layers."""

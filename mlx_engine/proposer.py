@@ -15,7 +15,8 @@ from typing import Protocol
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter
+from .drafter import DFlashDrafter
+from .drafter_config import DRAFT_VOCAB_FILE
 from .errors import UserError
 from .sampling import SamplingParams, draw, probs
 from .verifier import Verifier

@@ -16,6 +16,7 @@ from .errors import UserError
 
 DEFAULT = "default"
 BUNDLED_DRAFTER = Path(__file__).parent / "drafters" / "gemma3-270m-dflash"
+BUNDLED_SUMS = BUNDLED_DRAFTER.parent / "SHA256SUMS.json"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -53,11 +54,23 @@ def resolve_model(spec: str, dtype: str) -> Path:
     return _resolve(spec, "model", None)
 
 
+def bundled_sha256() -> str:
+    """The recorded digest of the bundled drafter (config + weights + draft vocab)."""
+    return json.loads(BUNDLED_SUMS.read_text())[BUNDLED_DRAFTER.name]
+
+
 def resolve_drafter(spec: str) -> Path:
-    """A local z-lab-format drafter dir for `spec` (`default`: the bundled drafter)."""
+    """A local z-lab-format drafter dir for `spec` (`default`: the bundled drafter).
+
+    The bundled files are checked against their recorded sha256: a checkout with stale
+    Git LFS pointers or a truncated file must fail here, not draft garbage silently.
+    """
     if spec == DEFAULT:
         if not (BUNDLED_DRAFTER / "config.json").is_file():
             raise UserError(f"no bundled drafter at {BUNDLED_DRAFTER}; pass --draft DIR")
+        if dir_sha256(BUNDLED_DRAFTER) != bundled_sha256():
+            raise UserError(f"bundled drafter at {BUNDLED_DRAFTER} does not match its recorded "
+                            f"sha256 in {BUNDLED_SUMS.name}; reinstall the package")
         return BUNDLED_DRAFTER
     return _resolve(spec, "drafter", ["*.json", "*.safetensors"])
 

@@ -101,3 +101,16 @@ def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tmp_path, capsys):
     mx.save_safetensors(str(draft / DRAFT_VOCAB_FILE), {"token_ids": mx.array([1, 500])})
     with pytest.raises(UserError, match="token ids in \\[0, 97\\)"):
         Engine.load(str(model_dir), str(draft))
+
+
+def test_draft_vocab_command_writes_a_loadable_vocabulary(tmp_path):
+    from mlx_engine import draft_vocab
+
+    model_dir = save_model_dir(tmp_path / "model")
+    draft = save_random_drafter(tmp_path / "draft", drafter_config(6, block_size=4))
+    assert draft_vocab.main(["--draft", str(draft), "--model", str(model_dir), "--size", "8",
+                             "--max-files", "20"]) == 0
+    ids = mx.load(str(draft / DRAFT_VOCAB_FILE))["token_ids"].tolist()
+    assert ids == sorted(set(ids)) and 0 < len(ids) <= 8 and max(ids) < 97
+    engine = Engine.load(str(model_dir), str(draft))
+    assert engine.draft_head.vocab_ids.tolist() == ids

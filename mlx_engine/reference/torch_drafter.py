@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..drafter_config import DrafterConfig
+from ..drafter_config import DRAFT_VOCAB_FILE, DrafterConfig
 from ..errors import UserError
 
 SHARD_BYTES = 15 * 2**20  # exported shards stay < 16 MiB (the device's file-transfer limit)
@@ -434,7 +434,7 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != DRAFT_VOCAB_FILE)
     if not files:
         raise UserError(f"drafter dir {path} has no *.safetensors files")
     weights: dict[str, torch.Tensor] = {}
