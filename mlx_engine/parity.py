@@ -128,7 +128,7 @@ def compare(engine: Engine, torch_side: TorchSide, mlx_side: MLXSide, prompts: l
             "positions": total, "blocks": blocks, "max_abs_logit_diff": max_diff}
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_engine.parity", description=__doc__)
     p.add_argument("--draft", default=DEFAULT, help="drafter dir (default: bundled)")
     p.add_argument("--model", default=DEFAULT, help="verifier (default: offline Gemma 3 270M)")
@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None, prompts: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.n < 1 or args.new_tokens < 1 or args.stride < 1:
         raise UserError("--n, --new-tokens and --stride must be >= 1")
     engine = Engine.load(args.model, args.draft, "float32")
