@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,13 +149,11 @@ class Engine:
                 on_tokens(chunk)
         return RunResult(tokens, stats)
 
-    def warmup(self, opts: RunOptions) -> float:
+    def warmup(self, opts: RunOptions) -> None:
         """Compile kernels and size buffers once so the timed runs compare steady states."""
-        start = time.perf_counter()
         short = RunOptions(max_tokens=8, block_size=opts.block_size, graph=opts.graph,
                            ignore_eos=True)
         prompt = list(range(3, 35))
         self.run("ar", prompt, short)
         if self.drafter is not None:
             self.run("fused", prompt, short)
-        return time.perf_counter() - start

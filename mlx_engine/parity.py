@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from . import __version__
@@ -26,14 +25,6 @@ from .evidence import device_info
 from .sources import DEFAULT
 
 PARITY_DTYPES = ("float32", "bfloat16")
-
-
-def _dense(layer: nn.Module) -> mx.array:
-    """The float matrix behind an embedding or head layer (dequantized if needed)."""
-    if layer.get("scales") is None:
-        return layer.weight
-    return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
-                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
 
 
 def _code_prompts(n: int, chars: int = 1200) -> list[str]:
@@ -46,7 +37,7 @@ def _code_prompts(n: int, chars: int = 1200) -> list[str]:
 class TorchSide:
     """The torch reference drafter with the target's embedding and head as torch tensors."""
 
-    def __init__(self, drafter_dir: Path, engine: Engine, dtype: str):
+    def __init__(self, drafter_dir: Path, matrices: tuple[mx.array, mx.array], dtype: str):
         try:
             import torch
         except ImportError:
@@ -56,9 +47,7 @@ class TorchSide:
         self.torch = torch
         self.dtype = getattr(torch, dtype)
         self.drafter = TorchDFlashDrafter.from_pretrained(drafter_dir, dtype=self.dtype).eval()
-        v = engine.verifier
-        self.embed = self._tensor(_dense(v.inner.embed_tokens))
-        self.head = self._tensor(_dense(v._head_layer()))
+        self.embed, self.head = (self._tensor(m) for m in matrices)
 
     def _tensor(self, a: mx.array):
         return self.torch.from_numpy(np.array(a.astype(mx.float32))).to(self.dtype)
@@ -77,13 +66,11 @@ class TorchSide:
 
 
 class MLXSide:
-    def __init__(self, engine: Engine, dtype: str):
+    def __init__(self, engine: Engine, matrices: tuple[mx.array, mx.array], dtype: str):
         self.engine = engine
         self.dtype = getattr(mx, dtype)
         engine.drafter.set_dtype(self.dtype)
-        v = engine.verifier
-        self.embed = _dense(v.inner.embed_tokens).astype(self.dtype)
-        self.head = _dense(v._head_layer()).astype(self.dtype)
+        self.embed, self.head = (m.astype(self.dtype) for m in matrices)
 
     def new_cache(self):
         return self.engine.drafter.make_context_cache()
@@ -147,8 +134,9 @@ def main(argv: list[str] | None = None, prompts: list[str] | None = None) -> int
     if args.n < 1 or args.new_tokens < 1 or args.stride < 1:
         raise UserError("--n, --new-tokens and --stride must be >= 1")
     engine = Engine.load(args.model, args.draft, "float32")
-    torch_side = TorchSide(engine.drafter_info.path, engine, args.dtype)
-    mlx_side = MLXSide(engine, args.dtype)
+    matrices = engine.verifier.dense_matrices()  # the target's embedding and head, once
+    torch_side = TorchSide(engine.drafter_info.path, matrices, args.dtype)
+    mlx_side = MLXSide(engine, matrices, args.dtype)
     texts = prompts if prompts is not None else _code_prompts(args.n)
     ids = [engine.encode(t, chat_template=False) for t in texts[: args.n]]
     result = compare(engine, torch_side, mlx_side, ids, args.new_tokens, args.stride)

@@ -80,7 +80,7 @@ class DFlashDraftSource:
         self.drafter.extend_context(taps, self.cache)
 
     def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array:
-        """[B-1, V'] logits over the draft vocabulary (V' = V without one)."""
+        """[B-1, V'] logits, V' = the draft vocabulary's size (the full vocab without one)."""
         ids = mx.concatenate([anchor.astype(mx.int32), mx.repeat(self.mask, block_size - 1)])
         return self.drafter.draft_logits(ids[None], self.cache, self.verifier.embed,
                                          self.head)[0]

@@ -46,6 +46,13 @@ def _install_tap(layer: nn.Module, index: int, sink: _TapSink) -> None:
     layer.__class__ = type(f"Tapped{base.__name__}", (base,), {"__call__": __call__})
 
 
+def _dense(layer: nn.Module) -> mx.array:
+    if layer.get("scales") is None:
+        return layer.weight
+    return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
+                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+
 @dataclass
 class BlockOutput:
     logits: mx.array  # [1, L, V]
@@ -105,7 +112,8 @@ class Verifier:
         """Plain embedding lookup, without any model-specific scale (the drafter's input)."""
         return self.inner.embed_tokens(ids)
 
-    def _head_layer(self) -> nn.Module:
+    def head_layer(self) -> nn.Module:
+        """The layer behind the output projection: the embedding when tied."""
         if getattr(self.model, "tie_word_embeddings", False) or not hasattr(
             self.model, "lm_head"
         ):
@@ -114,14 +122,14 @@ class Verifier:
 
     def raw_head(self, h: mx.array) -> mx.array:
         """Output projection without the final soft-cap (what the drafter reuses)."""
-        layer = self._head_layer()
+        layer = self.head_layer()
         if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
             return layer.as_linear(h)
         return layer(h)
 
     def raw_head_rows(self, ids: mx.array) -> Callable[[mx.array], mx.array]:
         """`raw_head` restricted to vocabulary rows `ids`, gathered once (quantized too)."""
-        layer = self._head_layer()
+        layer = self.head_layer()
         rows = {k: layer[k][ids] for k in ("weight", "scales", "biases", "bias")
                 if layer.get(k) is not None}
         mx.eval(rows)
@@ -133,6 +141,10 @@ class Verifier:
         if "bias" in rows:
             return lambda h: h @ rows["weight"].T + rows["bias"]
         return lambda h: h @ rows["weight"].T
+
+    def dense_matrices(self) -> tuple[mx.array, mx.array]:
+        """(embedding, head) as float matrices, dequantized if needed (for reference tools)."""
+        return _dense(self.inner.embed_tokens), _dense(self.head_layer())
 
     def head(self, h: mx.array) -> mx.array:
         logits = self.raw_head(h)

@@ -44,8 +44,8 @@ def test_a_port_bug_fails_the_gate(pair, tmp_path, monkeypatch):
     """Perturb one MLX weight (as a port bug would): fp32 agreement drops and exit is 1."""
     original = parity.MLXSide.__init__
 
-    def broken(self, engine, dtype):
-        original(self, engine, dtype)
+    def broken(self, engine, matrices, dtype):
+        original(self, engine, matrices, dtype)
         layer = engine.drafter.layers[0].mlp
         layer.down_proj.weight = layer.down_proj.weight * 3 + 0.05
 
