@@ -143,12 +143,15 @@ class Bench:
         record = evidence.sample_record(prompt.id, len(ids), self.width, ar, fused)
         record["lossless"] = ar.tokens == fused.tokens and (
             profiled is None or profiled.tokens == ar.tokens)
+        record["first_divergence"] = evidence.first_divergence(ar.tokens, fused.tokens)
         record["source"] = prompt.source
         record["finish_reason"] = ar.stats.finish_reason
         record["mlx_lm"] = None
         if "mlx_lm" in runs:
             record["mlx_lm"] = {**evidence.timing(runs["mlx_lm"]), **extra,
-                                "matches_ar": runs["mlx_lm"].tokens == ar.tokens}
+                                "matches_ar": runs["mlx_lm"].tokens == ar.tokens,
+                                "first_divergence": evidence.first_divergence(
+                                    ar.tokens, runs["mlx_lm"].tokens)}
         if self.policy:
             record["fused"]["width_hist"] = evidence.histogram(widths, self.width + 1)
         if profiled is not None:

@@ -314,8 +314,13 @@ def _write_tokenizer(reader: Any, out_dir: Path) -> None:
             GGUF_TOKENIZER_MAPPING,
             convert_gguf_tokenizer,
         )
-    except ImportError as exc:
-        raise UserError(f"building the tokenizer needs transformers 5 ({exc})") from exc
+    except ImportError:
+        # transformers <= 5.17 keeps an older builder that makes a Unigram tokenizer which
+        # mlx-lm cannot detokenize: refuse it rather than build a different tokenizer.
+        import transformers
+
+        raise UserError(f"building the tokenizer needs transformers >= 5.18, not "
+                        f"{transformers.__version__}: pip install -U transformers") from None
 
     def renamed(group: str) -> dict[str, Any]:
         table = GGUF_TOKENIZER_MAPPING[group]

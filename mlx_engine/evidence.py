@@ -57,6 +57,18 @@ def output_sha256(tokens: list[int]) -> str:
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two token streams differ (or one ends); None if equal.
+
+    In bf16/fp16 two correct implementations can flip a near-tie argmax (kernels round by
+    shape); where a stream departs tells a late near-tie from an early bug.
+    """
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
 def histogram(values: list[int], size: int) -> list[int]:
     """hist[k] = how many values equal k (drafts accepted per block, block widths)."""
     hist = [0] * size

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-kv-heads", type=_positive, help="default: half the heads")
     g.add_argument("--intermediate-size", type=_positive, help="default: 2 x hidden")
     g.add_argument("--mask-token-id", type=int, help="default: the first <unusedN> token")
+    g.add_argument("--init", type=Path, help="start from this z-lab drafter dir (its config "
+                   "replaces the flags above); its held-out tau is reported next to the result")
     d = p.add_argument_group("data")
     d.add_argument("--num-prompts", type=_positive, default=8192, help="training prompts")
     d.add_argument("--eval-prompts", type=_positive, default=64, help="held-out prompts")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gen-tokens", type=_positive, default=256,
                    help="greedy continuation length per prompt")
     d.add_argument("--gen-batch-size", type=_positive, default=256)
+    d.add_argument("--gen-time-limit", type=float, help="stop generating after this many "
+                   "seconds and drop the training prompts left without a continuation")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=_positive, default=3000)
     t.add_argument("--batch-size", type=_positive, default=16)
@@ -207,16 +211,22 @@ def _train(args: argparse.Namespace, target: Any, cache: Any, t0: float) -> Any:
     from .training.loop import TrainConfig, Trainer
     from .training.objective import default_gamma
 
-    mask_id = args.mask_token_id if args.mask_token_id is not None else cache.meta["mask_token_id"]
-    cfg = _drafter_config(args, target, mask_id)
+    if args.init is not None:
+        drafter = TorchDFlashDrafter.from_pretrained(args.init, target.device)
+        cfg = drafter.config
+    else:
+        mask_id = args.mask_token_id
+        cfg = _drafter_config(args, target, cache.meta["mask_token_id"] if mask_id is None
+                              else mask_id)
     check_compatible(cfg, target.hidden_size, target.vocab_size, target.num_layers)
     _check_run(args, config_dict(cfg))
     torch.manual_seed(args.seed)
-    drafter = TorchDFlashDrafter(cfg).to(target.device)
+    if args.init is None:
+        drafter = TorchDFlashDrafter(cfg).to(target.device)
     train_cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         anchors_per_seq=args.anchors_per_seq, seq_len=args.seq_len,
-        gamma=args.gamma or default_gamma(args.block_size), seed=args.seed,
+        gamma=args.gamma or default_gamma(cfg.block_size), seed=args.seed,
         time_limit_s=args.time_limit, log_every=args.log_every, ckpt_every=args.ckpt_every,
         autocast_bf16=(args.dtype == "bfloat16"
                        or (args.dtype == "auto" and target.device.type == "cuda")),
@@ -234,26 +244,33 @@ def _train(args: argparse.Namespace, target: Any, cache: Any, t0: float) -> Any:
     return trainer
 
 
+def _held_out_taus(args: argparse.Namespace, target: Any, cache: Any, drafter: Any) -> list:
+    """Acceptance length of `drafter` on the held-out prompts, at each --eval-block-sizes."""
+    from .training.evaluate import acceptance_length
+
+    held = cache.indices(held_out=True)
+    return [
+        acceptance_length(target, drafter, [cache.prompts[i] for i in held],
+                          [cache.continuations[i] for i in held], b)
+        for b in args.eval_block_sizes if 2 <= b <= drafter.config.block_size
+    ]
+
+
 def _export_and_report(
-    args: argparse.Namespace, target: Any, cache: Any, trainer: Any, timings: dict[str, float]
+    args: argparse.Namespace, target: Any, cache: Any, trainer: Any, timings: dict[str, float],
+    init_taus: list | None,
 ) -> None:
     """Export, measure held-out tau with the exported weights, write the log and the curve."""
     import torch
 
     from .reference.torch_drafter import config_dict
-    from .training.evaluate import acceptance_length
     from .training.export import checkpoint_bytes, export_drafter
     from .training.loop import plot_curve, write_json
 
     export_dir = args.out / "drafter"
     exported = export_drafter(trainer.drafter, export_dir, args.export_dtype)
-    held = cache.indices(held_out=True)
     t = time.perf_counter()
-    taus = [
-        acceptance_length(target, exported, [cache.prompts[i] for i in held],
-                          [cache.continuations[i] for i in held], b)
-        for b in args.eval_block_sizes if 2 <= b <= args.block_size
-    ]
+    taus = _held_out_taus(args, target, cache, exported)
     timings["eval_s"] = time.perf_counter() - t
     params = sum(p.numel() for p in trainer.drafter.parameters())
     log = {
@@ -262,14 +279,18 @@ def _export_and_report(
         "drafter_config": config_dict(trainer.drafter.config, args.export_dtype),
         "params": params, "export_bytes": checkpoint_bytes(export_dir),
         "train_config": vars(trainer.cfg), "steps_done": trainer.step,
-        "train_sequences": len(trainer.sequences), "held_out_sequences": len(held),
+        "train_sequences": len(trainer.sequences),
+        "held_out_sequences": len(cache.indices(held_out=True)),
+        "dropped_without_continuation": cache.meta.get("dropped_without_continuation", 0),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "held_out_tau": taus, "history": trainer.history,
     }
+    if args.init is not None:
+        log["init"] = {"dir": str(args.init), "held_out_tau": init_taus}
     write_json(args.out / "train_log.json", log)
     if trainer.history:
         plot_curve(trainer.history, args.out / "loss_curve.png",
-                   f"DFlash drafter, B={args.block_size}, {params / 1e6:.1f}M params")
+                   f"DFlash drafter, B={trainer.block_size}, {params / 1e6:.1f}M params")
     summary = ", ".join(f"B={r['block_size']}: {r['tau']:.2f}" for r in taus)
     print(f"exported {export_dir} ({log['export_bytes'] / 2**20:.1f} MiB); "
           f"held-out tau {summary}")
@@ -283,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_prompt_tokens > args.max_prompt_tokens:
         raise UserError(f"--min-prompt-tokens {args.min_prompt_tokens} > "
                         f"--max-prompt-tokens {args.max_prompt_tokens}")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        raise UserError(f"--init {args.init} is not a drafter dir (no config.json)")
     try:
         import torch  # noqa: F401 - fail here, in one line, without the extra
     except ImportError:
@@ -312,15 +335,25 @@ def main(argv: list[str] | None = None) -> int:
                         f"target vocab_size {target.vocab_size}")
     if not cache.has_continuations(args.gen_tokens):
         t = time.perf_counter()
-        fill_continuations(cache, lambda prompts, n: target.greedy_continue(
-            prompts, n, args.gen_batch_size, cache.meta["eos_ids"], not args.quiet),
-            args.gen_tokens)
+        dropped = fill_continuations(cache, lambda prompts, n, deadline: target.greedy_continue(
+            prompts, n, args.gen_batch_size, cache.meta["eos_ids"], not args.quiet, deadline),
+            args.gen_tokens, args.gen_time_limit)
         cache.save(args.out / DATA_FILE)
         timings["generate_s"] = time.perf_counter() - t
+        if dropped:
+            print(f"--gen-time-limit: dropped {dropped} training prompts without a continuation")
+    init_taus = None
+    if args.init is not None:
+        from .reference.torch_drafter import TorchDFlashDrafter
+
+        t = time.perf_counter()
+        init_taus = _held_out_taus(args, target, cache,
+                                   TorchDFlashDrafter.from_pretrained(args.init, target.device))
+        timings["eval_init_s"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer = _train(args, target, cache, t0)
     timings["train_s"] = time.perf_counter() - t
-    _export_and_report(args, target, cache, trainer, timings)
+    _export_and_report(args, target, cache, trainer, timings, init_taus)
     return 0
 
 

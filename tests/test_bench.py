@@ -49,7 +49,7 @@ def test_bench_runs_every_workload(pair, tmp_path, workload):
     assert record["aggregate"]["lossless_all"] is True
     assert record["device"]["blas"]
     for s in record["samples"]:
-        assert s["lossless"] is True
+        assert s["lossless"] is True and s["first_divergence"] is None
         assert set(s["fused"]["profile"]["time_split_s"]) == {"draft", "verify", "extend"}
         assert s["fused"]["profile"]["time_split_s"]["extend"] is not None
         assert s["fused"]["syncs_per_block"] == 2
@@ -59,6 +59,25 @@ def test_bench_runs_every_workload(pair, tmp_path, workload):
         if workload == "overgen":
             assert s["new_tokens"] == s["mlx_lm"]["new_tokens"] == 12
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_first_divergence_locates_the_first_differing_token():
+    assert evidence.first_divergence([5, 6, 7], [5, 6, 7]) is None
+    assert evidence.first_divergence([5, 6, 7], [5, 9, 7]) == 1
+    assert evidence.first_divergence([5, 6, 7], [5, 6]) == 2  # one stream stopped early
+
+
+def test_engine_defaults_mlx_to_full_fp32_unless_told(monkeypatch):
+    import importlib
+
+    import mlx_engine
+
+    monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
+    importlib.reload(mlx_engine)
+    assert os.environ["MLX_ENABLE_TF32"] == "0"
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
+    importlib.reload(mlx_engine)
+    assert os.environ["MLX_ENABLE_TF32"] == "1"
 
 
 def test_auto_block_size_is_lossless(pair, tmp_path):

@@ -427,3 +427,14 @@ def _parses(source: str) -> bool:
     except SyntaxError:
         return False
     return True
+
+
+def test_old_transformers_is_one_clear_error(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers <= 5.17 lacks the builder (its older one makes a tokenizer mlx-lm cannot
+    detokenize, seen on the lent GPUs): refuse in one line instead of converting wrongly."""
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.gguf_tokenizer_mapping", None)
+    with pytest.raises(UserError, match=r"needs transformers >= 5\.18"):
+        cg.convert_gguf(tiny[0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -139,6 +139,25 @@ def test_token_cache_round_trip(tmp_path: Path):
         TokenCache.load(tmp_path / "missing.npz")
 
 
+def test_generation_time_limit_drops_only_training_prompts():
+    from mlx_engine.training.data import fill_continuations
+
+    cache = TokenCache([[1], [2], [3], [4], [5]], [False, True, False, False, True], {})
+    seen: list[tuple[list[list[int]], bool]] = []
+
+    def generate(prompts, n, deadline):  # runs out of time after one training prompt
+        seen.append((prompts, deadline is not None))
+        if deadline is None:
+            return [[p[0] * 10] * n for p in prompts]
+        return [[p[0] * 10] * n if i == 0 else None for i, p in enumerate(prompts)]
+
+    assert fill_continuations(cache, generate, 2, time_limit=60.0) == 2
+    assert seen == [([[2], [5]], False), ([[1], [3], [4]], True)]  # held-out first, no limit
+    assert cache.prompts == [[1], [2], [5]] and cache.held_out == [False, True, True]
+    assert cache.continuations == [[10, 10], [20, 20], [50, 50]]
+    assert cache.meta == {"gen_tokens": 2, "dropped_without_continuation": 2}
+
+
 def test_mask_token_is_a_reserved_unused_row():
     class Tok:
         def __init__(self, vocab):
@@ -198,6 +217,39 @@ def test_resume_continues_from_the_checkpoint(smoke: Path):
     assert "generate_s" not in log["timings"]  # the token cache was reused
 
 
+def test_greedy_continue_past_its_deadline_starts_no_batch(smoke: Path):
+    from mlx_engine.reference.torch_target import load_target
+
+    target = load_target(smoke / "tiny-target")
+    prompts = [[2, 5, 6, 7], [2, 8, 9, 10], [2, 11]]
+    assert target.greedy_continue(prompts, 4, progress=False, deadline=0.0) == [None] * 3
+    full = target.greedy_continue(prompts, 4, batch_size=1, progress=False)
+    assert all(len(c) == 4 for c in full)
+
+
+def test_init_starts_from_a_drafter_and_reports_its_tau(smoke: Path, tmp_path: Path):
+    import shutil
+
+    from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
+    from mlx_engine.train_drafter import main
+
+    shutil.copytree(smoke / "tiny-target", tmp_path / "tiny-target")
+    # Flags that would build another drafter: --init's config wins.
+    args = [a if a != "--num-layers" else "--head-dim" for a in SMOKE_ARGS]
+    assert main(["--out", str(tmp_path), "--data", str(smoke / "data.npz"), "--init",
+                 str(smoke / "drafter"), "--steps", "3", "--lr", "1e-4", *args]) == 0
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    init = json.loads((smoke / "train_log.json").read_text())
+    assert log["init"]["held_out_tau"] == init["held_out_tau"]  # same drafter, same prompts
+    assert log["drafter_config"] == init["drafter_config"]
+    before = TorchDFlashDrafter.from_pretrained(smoke / "drafter").state_dict()
+    after = TorchDFlashDrafter.from_pretrained(tmp_path / "drafter").state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and len(moved) < len(before) + 1  # trained further, from those weights
+    small = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert small < 0.05  # 3 steps at lr 1e-4 move weights a little, not a re-init
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys):
     from mlx_engine.train_drafter import main
 
@@ -207,6 +259,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys):
         ["--tiny-random-target", "--min-prompt-tokens", "300", "--max-prompt-tokens", "64"],
         ["--tiny-random-target", "--steps", "0"],
         ["--tiny-random-target", "--resume"],
+        ["--tiny-random-target", "--init", str(tmp_path / "no-drafter")],
     ]
     for extra in cases:
         assert main(["--out", str(tmp_path / "run"), "--device", "cpu", *extra]) == 2, extra

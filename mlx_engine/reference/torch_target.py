@@ -9,6 +9,7 @@ before the final norm whatever `output_hidden_states` does in a given transforme
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,23 +135,29 @@ class TargetModel:
         batch_size: int = 64,
         eos_ids: Sequence[int] = (),
         progress: bool = True,
-    ) -> list[list[int]]:
+        deadline: float | None = None,
+    ) -> list[list[int] | None]:
         """The target's own greedy continuation of each prompt: n_new tokens or up to an EOS.
 
         Prompts are batched by exact length, so no padding can perturb a single logit; the
-        matmuls run in true fp32 where the weights are fp32, like the CPU verifier.
+        matmuls run in true fp32 where the weights are fp32, like the CPU verifier. Batches
+        are visited round-robin over the lengths; once `time.monotonic()` passes `deadline`
+        no new batch starts and the prompts left over get None.
         """
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
-        chunks = [
-            idx[s : s + batch_size] for _, idx in sorted(by_len.items())
-            for s in range(0, len(idx), batch_size)
-        ]
+        chunks = sorted(
+            ((s, length, idx[s : s + batch_size]) for length, idx in by_len.items()
+             for s in range(0, len(idx), batch_size)),
+            key=lambda c: c[:2],
+        )
         eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
-        out: list[list[int]] = [[] for _ in prompts]
+        out: list[list[int] | None] = [None] * len(prompts)
         with matmul_precision("highest"):
-            for chunk in tqdm(chunks, desc="greedy continuations", disable=not progress):
+            for _, _, chunk in tqdm(chunks, desc="greedy continuations", disable=not progress):
+                if deadline is not None and time.monotonic() > deadline:
+                    break
                 ids = torch.tensor([list(prompts[i]) for i in chunk], device=self.device)
                 new = self._greedy_batch(ids, n_new, eos)
                 for row, i in zip(new.tolist(), chunk, strict=True):

