@@ -202,31 +202,40 @@ def _check_run(args: argparse.Namespace, drafter_cfg: dict[str, Any]) -> None:
     run_file.write_text(json.dumps(run, indent=2, default=str))
 
 
-def _train(args: argparse.Namespace, target: Any, cache: Any, t0: float) -> Any:
-    """Build the drafter for this target and train it (resuming if asked); the Trainer."""
+def _start_drafter(args: argparse.Namespace, target: Any, cache: Any) -> Any:
+    """The drafter training starts from: --init's, or a fresh one built for this target.
+
+    Checked against the target (a mismatch is one line, before anything runs it) and recorded
+    in run.json, which a --resume must match.
+    """
     import torch
 
     from .drafter_config import check_compatible
     from .reference.torch_drafter import TorchDFlashDrafter, config_dict
-    from .training.loop import TrainConfig, Trainer
-    from .training.objective import default_gamma
 
+    init = None
     if args.init is not None:
-        drafter = TorchDFlashDrafter.from_pretrained(args.init, target.device)
-        cfg = drafter.config
+        init = TorchDFlashDrafter.from_pretrained(args.init, target.device)
+        cfg = init.config
     else:
-        mask_id = args.mask_token_id
-        cfg = _drafter_config(args, target, cache.meta["mask_token_id"] if mask_id is None
-                              else mask_id)
+        mask_id = (args.mask_token_id if args.mask_token_id is not None
+                   else cache.meta["mask_token_id"])
+        cfg = _drafter_config(args, target, mask_id)
     check_compatible(cfg, target.hidden_size, target.vocab_size, target.num_layers)
     _check_run(args, config_dict(cfg))
     torch.manual_seed(args.seed)
-    if args.init is None:
-        drafter = TorchDFlashDrafter(cfg).to(target.device)
+    return init if init is not None else TorchDFlashDrafter(cfg).to(target.device)
+
+
+def _train(args: argparse.Namespace, target: Any, cache: Any, drafter: Any, t0: float) -> Any:
+    """Train `drafter` (resuming if asked); the Trainer."""
+    from .training.loop import TrainConfig, Trainer
+    from .training.objective import default_gamma
+
     train_cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         anchors_per_seq=args.anchors_per_seq, seq_len=args.seq_len,
-        gamma=args.gamma or default_gamma(cfg.block_size), seed=args.seed,
+        gamma=args.gamma or default_gamma(drafter.config.block_size), seed=args.seed,
         time_limit_s=args.time_limit, log_every=args.log_every, ckpt_every=args.ckpt_every,
         autocast_bf16=(args.dtype == "bfloat16"
                        or (args.dtype == "auto" and target.device.type == "cuda")),
@@ -342,16 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         timings["generate_s"] = time.perf_counter() - t
         if dropped:
             print(f"--gen-time-limit: dropped {dropped} training prompts without a continuation")
+    drafter = _start_drafter(args, target, cache)
     init_taus = None
     if args.init is not None:
-        from .reference.torch_drafter import TorchDFlashDrafter
-
         t = time.perf_counter()
-        init_taus = _held_out_taus(args, target, cache,
-                                   TorchDFlashDrafter.from_pretrained(args.init, target.device))
+        init_taus = _held_out_taus(args, target, cache, drafter)
         timings["eval_init_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    trainer = _train(args, target, cache, t0)
+    trainer = _train(args, target, cache, drafter, t0)
     timings["train_s"] = time.perf_counter() - t
     _export_and_report(args, target, cache, trainer, timings, init_taus)
     return 0

@@ -250,6 +250,25 @@ def test_init_starts_from_a_drafter_and_reports_its_tau(smoke: Path, tmp_path: P
     assert small < 0.05  # 3 steps at lr 1e-4 move weights a little, not a re-init
 
 
+def test_init_for_another_target_is_one_line_before_it_runs(smoke: Path, tmp_path: Path, capsys):
+    import dataclasses
+    import shutil
+
+    from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
+    from mlx_engine.train_drafter import main
+
+    shutil.copytree(smoke / "tiny-target", tmp_path / "tiny-target")
+    cfg = TorchDFlashDrafter.from_pretrained(smoke / "drafter").config
+    wide = dataclasses.replace(cfg, hidden_size=2 * cfg.hidden_size)
+    TorchDFlashDrafter(wide).save_pretrained(tmp_path / "wide")
+    assert main(["--out", str(tmp_path), "--data", str(smoke / "data.npz"), "--init",
+                 str(tmp_path / "wide"), "--steps", "3", *SMOKE_ARGS]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' load bar
+    assert last == (f"error: drafter hidden_size {wide.hidden_size} != verifier hidden_size "
+                    f"{cfg.hidden_size}")
+    assert not (tmp_path / "train_log.json").exists()
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys):
     from mlx_engine.train_drafter import main
 
