@@ -29,13 +29,7 @@ from mlx_engine.reference.torch_drafter import (  # noqa: E402
 H, V = 32, 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Shared CI boxes: torch's thread pool spin-waits badly under contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def config(**over) -> DrafterConfig:

@@ -45,13 +45,7 @@ SMOKE_ARGS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Shared CI boxes: torch's thread pool spin-waits badly under contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # --- objective ---------------------------------------------------------------------------
