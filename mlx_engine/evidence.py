@@ -27,13 +27,23 @@ from .speculative import DecodeStats
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "evidence.v1.json"
 
 
-def _git_sha() -> str | None:
+def _git(cwd: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+        out = subprocess.run(["git", *args], cwd=cwd,
                              capture_output=True, text=True, timeout=5, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip()
+
+
+def git_sha(checkout: Path = Path(__file__).parent) -> str | None:
+    """HEAD of the checkout this code runs from, `-dirty` when tracked files differ from it
+    (a number must lead back to the code that produced it)."""
+    sha = _git(checkout, "rev-parse", "HEAD")
+    if not sha:
+        return None
+    dirty = _git(checkout, "status", "--porcelain", "--untracked-files=no")
+    return f"{sha}-dirty" if dirty else sha
 
 
 def backend() -> str:
@@ -50,6 +60,7 @@ def device_info() -> dict[str, Any]:
         "mlx_version": mx.__version__,
         "backend": backend(),
         "blas": os.environ.get("LD_PRELOAD") or None,
+        "mlx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")},
     }
 
 
@@ -142,7 +153,7 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
                  block_size: int | None, command: str | None = None) -> dict[str, Any]:
     m, d = engine.model_info, engine.drafter_info
-    tool = {"name": "kakeya-mlx", "version": __version__, "git_sha": _git_sha()}
+    tool = {"name": "kakeya-mlx", "version": __version__, "git_sha": git_sha()}
     if command:
         tool["command"] = command
     return {

@@ -31,6 +31,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
 def _sizes(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -74,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-prompts", type=_positive, default=64, help="held-out prompts")
     d.add_argument("--min-prompt-tokens", type=_positive, default=64)
     d.add_argument("--max-prompt-tokens", type=_positive, default=512)
+    d.add_argument("--function-prompts", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="share of prompts that end where a function body starts (the "
+                        "code-completion task); the rest are excerpts cut at any line")
     d.add_argument("--gen-tokens", type=_positive, default=256,
                    help="greedy continuation length per prompt")
     d.add_argument("--gen-batch-size", type=_positive, default=256)
@@ -134,7 +144,7 @@ def _token_cache(args: argparse.Namespace, model_path: Path) -> Any:
     if own.is_file():
         cache = TokenCache.load(own)
         wanted = (args.seed, args.min_prompt_tokens, args.max_prompt_tokens,
-                  args.num_prompts, args.eval_prompts)
+                  args.num_prompts, args.eval_prompts, args.function_prompts)
         if args.resume or _prompt_params(cache) == wanted:
             return cache
     from .reference.torch_target import load_tokenizer
@@ -142,6 +152,7 @@ def _token_cache(args: argparse.Namespace, model_path: Path) -> Any:
     cache = build_prompt_cache(
         load_tokenizer(model_path), args.num_prompts, args.eval_prompts,
         args.min_prompt_tokens, args.max_prompt_tokens, args.seed, args.mask_token_id,
+        function_fraction=args.function_prompts,
     )
     cache.save(own)
     return cache
@@ -150,7 +161,8 @@ def _token_cache(args: argparse.Namespace, model_path: Path) -> Any:
 def _prompt_params(cache: Any) -> tuple[int, ...]:
     m = cache.meta
     return (m["seed"], m["min_prompt_tokens"], m["max_prompt_tokens"],
-            len(cache.indices(held_out=False)), len(cache.indices(held_out=True)))
+            len(cache.indices(held_out=False)), len(cache.indices(held_out=True)),
+            m.get("function_fraction", 0.0))
 
 
 def _device(name: str) -> Any:
@@ -254,15 +266,25 @@ def _train(args: argparse.Namespace, target: Any, cache: Any, drafter: Any, t0: 
 
 
 def _held_out_taus(args: argparse.Namespace, target: Any, cache: Any, drafter: Any) -> list:
-    """Acceptance length of `drafter` on the held-out prompts, at each --eval-block-sizes."""
+    """Acceptance length of `drafter` on the held-out prompts, at each --eval-block-sizes:
+    over all of them, and per kind (excerpt, function body) when both are there."""
     from .training.evaluate import acceptance_length
 
-    held = cache.indices(held_out=True)
-    return [
-        acceptance_length(target, drafter, [cache.prompts[i] for i in held],
-                          [cache.continuations[i] for i in held], b)
-        for b in args.eval_block_sizes if 2 <= b <= drafter.config.block_size
-    ]
+    kinds = {name: idx for name, idx in (
+        ("excerpt", cache.indices(held_out=True, at_function_body=False)),
+        ("function_body", cache.indices(held_out=True, at_function_body=True))) if idx}
+    rows = []
+    for b in args.eval_block_sizes:
+        if not 2 <= b <= drafter.config.block_size:
+            continue
+        parts = [{"prompts": name, **acceptance_length(
+            target, drafter, [cache.prompts[i] for i in idx],
+            [cache.continuations[i] for i in idx], b)} for name, idx in kinds.items()]
+        total = {k: sum(r[k] for r in parts) for k in ("rounds", "tokens", "sequences")}
+        tau = total["tokens"] / total["rounds"] if total["rounds"] else float("nan")
+        rows.append({"prompts": "all", "block_size": b, "tau": tau, **total})
+        rows += parts if len(parts) > 1 else []
+    return rows
 
 
 def _export_and_report(
@@ -300,7 +322,7 @@ def _export_and_report(
     if trainer.history:
         plot_curve(trainer.history, args.out / "loss_curve.png",
                    f"DFlash drafter, B={trainer.block_size}, {params / 1e6:.1f}M params")
-    summary = ", ".join(f"B={r['block_size']}: {r['tau']:.2f}" for r in taus)
+    summary = ", ".join(f"{r['prompts']} B={r['block_size']}: {r['tau']:.2f}" for r in taus)
     print(f"exported {export_dir} ({log['export_bytes'] / 2**20:.1f} MiB); "
           f"held-out tau {summary}")
 

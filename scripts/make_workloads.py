@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import sys
 from pathlib import Path
 
 from mlx_engine import workloads
-from mlx_engine.training.data import held_out_files, stdlib_root
+from mlx_engine.training.data import function_body_starts, held_out_files, stdlib_root
 from mlx_engine.workloads import Prompt
 
 SEED = 20250501
@@ -37,10 +36,6 @@ WORDS = ["amber", "falcon", "cobalt", "delta", "ember", "fjord", "granite", "har
          "juniper", "kestrel", "lantern", "meadow", "nectar", "onyx", "pepper", "quartz",
          "raven", "saffron", "thistle", "umber", "velvet", "willow", "yonder", "zephyr",
          "basalt", "cinder", "dune"]
-
-DEF = re.compile(r"^(\s*)(async\s+)?def\s+\w+\(.*\).*:\s*(#.*)?$")
-DOC = re.compile(r'^\s*[rRbBuU]?("""|\'\'\')')
-
 
 def _relpath(path: Path) -> str:
     return path.relative_to(stdlib_root()).as_posix()
@@ -58,31 +53,11 @@ def _tail(text: str, max_chars: int) -> str:
     return cut[cut.find("\n") + 1 :]
 
 
-def _body_start(lines: list[str], i: int) -> int | None:
-    """Line after `def` line i and its docstring, if >= 3 body lines follow it."""
-    indent = len(DEF.match(lines[i]).group(1))
-    start = i + 1
-    if start < len(lines) and (m := DOC.match(lines[start])):
-        quote, first = m.group(1), lines[start][m.end() :]
-        end = start if quote in first else next(
-            (j for j in range(start + 1, len(lines)) if quote in lines[j]), None)
-        if end is None:
-            return None
-        start = end + 1
-    body = 0
-    for line in lines[start:]:
-        if line.strip() and len(line) - len(line.lstrip()) <= indent:
-            break
-        body += bool(line.strip())
-    return start if body >= 3 else None
-
-
 def code_prompts(files: list[Path], rng: random.Random) -> list[Prompt]:
     prompts, endings = [], set()
     for path in files:
         lines = _lines(path)
-        cuts = [c for i, line in enumerate(lines)
-                if DEF.match(line) and (c := _body_start(lines, i)) is not None]
+        cuts = function_body_starts(lines)
         rng.shuffle(cuts)
         for cut in cuts:
             text = _tail("".join(lines[:cut]), CODE_CHARS[1])

@@ -127,3 +127,20 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_git_sha_marks_a_dirty_checkout(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert evidence.git_sha(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    clean = evidence.git_sha(tmp_path)
+    assert clean is not None and len(clean) == 40
+    (tmp_path / "new.py").write_text("")  # untracked files do not change the code that ran
+    assert evidence.git_sha(tmp_path) == clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert evidence.git_sha(tmp_path) == f"{clean}-dirty"

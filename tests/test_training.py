@@ -41,7 +41,7 @@ SMOKE_ARGS = [
     "--block-size", "8", "--num-layers", "2", "--head-dim", "16", "--num-heads", "4",
     "--num-kv-heads", "2", "--intermediate-size", "128", "--batch-size", "8",
     "--anchors-per-seq", "8", "--seq-len", "128", "--lr", "1e-2", "--log-every", "5",
-    "--ckpt-every", "25", "--export-dtype", "float16",
+    "--ckpt-every", "25", "--export-dtype", "float16", "--function-prompts", "0.5",
 ]
 
 
@@ -121,6 +121,88 @@ def test_held_out_split_is_by_path_hash_and_disjoint():
     assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
 
 
+FUNCTIONS = '''import os
+
+
+def short(x):
+    return x
+
+
+async def documented(a, b):
+    """One line
+    and another."""
+    c = a + b
+    d = c * 2
+    return d
+
+
+class K:
+    def method(self):  # a comment
+        if self:
+            pass
+        return 1
+
+    def inner_short(self): return 2
+'''
+
+
+def test_function_body_starts_skip_docstrings_and_short_bodies():
+    from mlx_engine.training.data import function_body_starts
+
+    lines = FUNCTIONS.splitlines(True)
+    starts = function_body_starts(lines)
+    assert [lines[i - 1].strip() for i in starts] == [
+        'and another."""', "def method(self):  # a comment"]
+    assert [lines[i].strip() for i in starts] == ["c = a + b", "if self:"]
+
+
+def test_function_prompts_end_where_a_body_starts(tmp_path: Path):
+    from mlx_engine.training.data import function_body_starts, sample_prompts
+
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"m{k}.py")
+        files[-1].write_text(FUNCTIONS * (k + 2))
+
+    def encode_batch(texts):
+        return [[ord(c) for c in t] for t in texts]
+
+    prompts = sample_prompts(files, encode_batch, 40, random.Random(0), 20, 100, 1,
+                             at_function_body=True)
+    heads = [  # each file's text up to each body start
+        "".join(lines[:i]) for f in files
+        for lines in [f.read_text().splitlines(True)] for i in function_body_starts(lines)]
+    assert len(prompts) == 40 and all(p[0] == 1 and len(p) in (20, 84) for p in prompts)
+    for p in prompts:
+        text = "".join(map(chr, p[1:]))
+        assert any(head.endswith(text) for head in heads), text
+
+
+def test_prompt_cache_mixes_both_kinds_and_keeps_them_through_generation(tmp_path: Path):
+    from mlx_engine.reference.tiny_target import build_tiny_target
+    from mlx_engine.reference.torch_target import load_tokenizer
+    from mlx_engine.training.data import build_prompt_cache, fill_continuations
+
+    build_tiny_target(tmp_path / "t", seed=0)
+    tok = load_tokenizer(tmp_path / "t")
+    cache = build_prompt_cache(tok, 20, 8, 32, 64, seed=3, function_fraction=0.25)
+    assert len(cache.indices(False, at_function_body=True)) == 5
+    assert len(cache.indices(True, at_function_body=True)) == 2
+    assert cache.at_function_body[:20] != sorted(cache.at_function_body[:20])  # shuffled
+    plain = build_prompt_cache(tok, 20, 8, 32, 64, seed=3)
+    assert not any(plain.at_function_body)
+
+    def generate(prompts, n, deadline):  # no time for the last training prompt
+        return [[7] * n if deadline is None or i < len(prompts) - 1 else None
+                for i, _ in enumerate(prompts)]
+
+    kinds = [cache.at_function_body[i] for i in range(len(cache.prompts)) if i != 19]
+    assert fill_continuations(cache, generate, 2, time_limit=60.0) == 1
+    assert cache.at_function_body == kinds
+    cache.save(tmp_path / "c.npz")
+    assert TokenCache.load(tmp_path / "c.npz").at_function_body == kinds
+
+
 def test_token_cache_round_trip(tmp_path: Path):
     cache = TokenCache([[2, 5, 6], [2, 7]], [False, True], {"seed": 1, "gen_tokens": 3},
                        [[8, 9, 1], []])
@@ -129,6 +211,7 @@ def test_token_cache_round_trip(tmp_path: Path):
     assert (again.prompts, again.held_out, again.meta, again.continuations) == (
         cache.prompts, cache.held_out, cache.meta, cache.continuations)
     assert again.indices(held_out=True) == [1] and again.has_continuations(3)
+    assert again.at_function_body == [False, False]  # a cache without kinds: excerpts
     with pytest.raises(UserError, match="does not exist"):
         TokenCache.load(tmp_path / "missing.npz")
 
@@ -181,8 +264,13 @@ def test_smoke_run_loss_falls(smoke: Path):
     assert log["steps_done"] == SMOKE_STEPS and len(losses) == SMOKE_STEPS // 5
     assert sum(losses[-2:]) / 2 < 0.7 * losses[0], losses
     assert (smoke / "loss_curve.png").stat().st_size > 1000
-    taus = {r["block_size"]: r["tau"] for r in log["held_out_tau"]}
-    assert set(taus) == {4, 8} and all(t >= 1.0 for t in taus.values())
+    taus = {(r["prompts"], r["block_size"]): r for r in log["held_out_tau"]}
+    assert set(taus) == {(k, b) for k in ("all", "excerpt", "function_body") for b in (4, 8)}
+    assert all(r["tau"] >= 1.0 for r in taus.values())
+    for b in (4, 8):  # the two kinds split the held-out rounds between them
+        parts = [taus[k, b] for k in ("excerpt", "function_body")]
+        assert sum(r["rounds"] for r in parts) == taus["all", b]["rounds"]
+        assert sum(r["sequences"] for r in parts) == taus["all", b]["sequences"] == 6
 
 
 def test_export_is_z_lab_format_and_reloads(smoke: Path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import sysconfig
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,9 @@ HELD_OUT_PERCENT = 10
 LENGTH_STEP = 64  # prompt lengths step by this: equal lengths batch without padding
 MAX_FILE_BYTES = 400_000
 CHARS_PER_TOKEN = 8  # generous: excerpts are cut to length after tokenizing
+DEF_LINE = re.compile(r"^(\s*)(async\s+)?def\s+\w+\(.*\).*:\s*(#.*)?$")
+DOCSTRING_OPEN = re.compile(r'^\s*[rRbBuU]?("""|\'\'\')')
+MIN_BODY_LINES = 3
 
 
 def stdlib_root() -> Path:
@@ -81,6 +85,34 @@ def find_mask_token(tokenizer: Any) -> int:
     return unused[0]
 
 
+def function_body_starts(lines: Sequence[str]) -> list[int]:
+    """Indices of the lines where a function body starts (after the `def` line and its
+    docstring), for functions with >= MIN_BODY_LINES body lines: where a code-completion
+    prompt ends, as in the bench's code workload."""
+    starts = []
+    for i, line in enumerate(lines):
+        if (m := DEF_LINE.match(line)) and (start := _body_start(lines, i, len(m.group(1)))):
+            starts.append(start)
+    return starts
+
+
+def _body_start(lines: Sequence[str], i: int, indent: int) -> int | None:
+    start = i + 1
+    if start < len(lines) and (m := DOCSTRING_OPEN.match(lines[start])):
+        quote, first = m.group(1), lines[start][m.end() :]
+        end = start if quote in first else next(
+            (j for j in range(start + 1, len(lines)) if quote in lines[j]), None)
+        if end is None:
+            return None
+        start = end + 1
+    body = 0
+    for line in lines[start:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body += bool(line.strip())
+    return start if body >= MIN_BODY_LINES else None
+
+
 def sample_prompts(
     files: Sequence[Path],
     encode_batch: Callable[[list[str]], list[list[int]]],
@@ -89,12 +121,18 @@ def sample_prompts(
     min_tokens: int,
     max_tokens: int,
     bos_id: int | None,
+    at_function_body: bool = False,
 ) -> list[list[int]]:
-    """n prompts: BOS + a code excerpt starting at a random line, of a length drawn from
-    {min_tokens, min_tokens + LENGTH_STEP, ..., <= max_tokens} (BOS included), so that
-    equal-length prompts batch without padding."""
+    """n prompts: BOS + code of a length drawn from {min_tokens, min_tokens + LENGTH_STEP,
+    ..., <= max_tokens} (BOS included), so that equal-length prompts batch without padding.
+
+    An excerpt starts at a random line and is cut to length at its end; a prompt
+    `at_function_body` ends where a random function's body starts and is cut at its start
+    (the task of code completion: write the body).
+    """
     lengths = list(range(min_tokens, max_tokens + 1, LENGTH_STEP))
     texts: dict[Path, list[str]] = {}
+    bodies: dict[Path, list[int]] = {}
     prompts: list[list[int]] = []
     attempts = 0
     while len(prompts) < n:
@@ -106,31 +144,59 @@ def sample_prompts(
         for path, length in want:
             if path not in texts:
                 texts[path] = path.read_text(encoding="utf-8", errors="replace").splitlines(True)
-            lines = texts[path]
-            start = end = rng.randrange(len(lines))
-            chars = 0
-            while end < len(lines) and chars < CHARS_PER_TOKEN * length:
-                chars += len(lines[end])
-                end += 1
-            excerpts.append("".join(lines[start:end]))
+            lines, chars = texts[path], CHARS_PER_TOKEN * length
+            if at_function_body:
+                if path not in bodies:
+                    bodies[path] = function_body_starts(lines)
+                excerpts.append(_text_before(lines, rng.choice(bodies[path]), chars)
+                                if bodies[path] else "")
+            else:
+                excerpts.append(_text_from(lines, rng.randrange(len(lines)), chars))
         for (_, length), ids in zip(want, encode_batch(excerpts), strict=True):
             body = length - (bos_id is not None)
             if len(ids) >= body:
-                prompts.append(([bos_id] if bos_id is not None else []) + ids[:body])
+                ids = ids[-body:] if at_function_body else ids[:body]
+                prompts.append(([bos_id] if bos_id is not None else []) + ids)
     return prompts
+
+
+def _text_from(lines: Sequence[str], start: int, chars: int) -> str:
+    """Whole lines from `start` until at least `chars` characters (or the end)."""
+    end, n = start, 0
+    while end < len(lines) and n < chars:
+        n += len(lines[end])
+        end += 1
+    return "".join(lines[start:end])
+
+
+def _text_before(lines: Sequence[str], end: int, chars: int) -> str:
+    """Whole lines before `end`, going back until at least `chars` characters (or the start)."""
+    start, n = end, 0
+    while start > 0 and n < chars:
+        start -= 1
+        n += len(lines[start])
+    return "".join(lines[start:end])
 
 
 @dataclass
 class TokenCache:
-    """Prompts, the target's greedy continuations, and which prompts are held out."""
+    """Prompts, the target's greedy continuations, which prompts are held out, and which end
+    at a function body (the others are excerpts; an old cache has excerpts only)."""
 
     prompts: list[list[int]]
     held_out: list[bool]
     meta: dict[str, Any]
     continuations: list[list[int]] = field(default_factory=list)
+    at_function_body: list[bool] = field(default_factory=list)
 
-    def indices(self, held_out: bool) -> list[int]:
-        return [i for i, h in enumerate(self.held_out) if h == held_out]
+    def __post_init__(self) -> None:
+        if not self.at_function_body:
+            self.at_function_body = [False] * len(self.prompts)
+
+    def indices(self, held_out: bool, at_function_body: bool | None = None) -> list[int]:
+        rows = zip(self.held_out, self.at_function_body, strict=True)
+        return [i for i, (h, f) in enumerate(rows)
+                if h == held_out and (at_function_body is None or f == at_function_body)]
 
     def has_continuations(self, gen_tokens: int) -> bool:
         return bool(self.continuations) and self.meta.get("gen_tokens") == gen_tokens
@@ -138,7 +204,8 @@ class TokenCache:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"held_out": np.asarray(self.held_out, dtype=bool)}
+        arrays = {"held_out": np.asarray(self.held_out, dtype=bool),
+                  "at_function_body": np.asarray(self.at_function_body, dtype=bool)}
         arrays.update(_pack("prompts", self.prompts))
         if self.continuations:
             arrays.update(_pack("continuations", self.continuations))
@@ -157,9 +224,10 @@ class TokenCache:
                 prompts = _unpack(z, "prompts")
                 conts = _unpack(z, "continuations") if "continuations_flat" in z else []
                 held = z["held_out"].tolist()
+                body = z["at_function_body"].tolist() if "at_function_body" in z else []
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"cannot read token cache {path}: {exc}") from None
-        return cls(prompts, held, meta, conts)
+        return cls(prompts, held, meta, conts, body)
 
 
 def _pack(name: str, rows: list[list[int]]) -> dict[str, np.ndarray]:
@@ -184,10 +252,14 @@ def build_prompt_cache(
     seed: int,
     mask_token_id: int | None = None,
     root: Path | None = None,
+    function_fraction: float = 0.0,
 ) -> TokenCache:
-    """Prompts for training (train files) and evaluation (held-out files), no continuations."""
+    """Prompts for training (train files) and evaluation (held-out files), no continuations;
+    `function_fraction` of each set end at a function body, the rest are excerpts."""
     if not 2 <= min_tokens <= max_tokens:
         raise UserError(f"prompt lengths need 2 <= min ({min_tokens}) <= max ({max_tokens})")
+    if not 0.0 <= function_fraction <= 1.0:
+        raise UserError(f"the function-prompt fraction {function_fraction} is not in [0, 1]")
     root = root or stdlib_root()
     train_files, held_files = split_files(root)
     rng = random.Random(seed)
@@ -195,9 +267,17 @@ def build_prompt_cache(
     def encode_batch(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    bos = tokenizer.bos_token_id
-    train = sample_prompts(train_files, encode_batch, n_train, rng, min_tokens, max_tokens, bos)
-    held = sample_prompts(held_files, encode_batch, n_held_out, rng, min_tokens, max_tokens, bos)
+    def mix(files: list[Path], n: int) -> list[tuple[list[int], bool]]:
+        """Both kinds, shuffled, so a time-bounded generation drops them alike."""
+        n_body = round(n * function_fraction)
+        rows = [(p, body) for body, k in ((False, n - n_body), (True, n_body)) for p in
+                sample_prompts(files, encode_batch, k, rng, min_tokens, max_tokens,
+                               tokenizer.bos_token_id, at_function_body=body)]
+        if n_body:
+            rng.shuffle(rows)
+        return rows
+
+    train, held = mix(train_files, n_train), mix(held_files, n_held_out)
     eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<end_of_turn>"])}
     eos.discard(None)
     eos.discard(tokenizer.unk_token_id)
@@ -210,8 +290,11 @@ def build_prompt_cache(
         "held_out_percent": HELD_OUT_PERCENT,
         "min_prompt_tokens": min_tokens,
         "max_prompt_tokens": max_tokens,
+        "function_fraction": function_fraction,
     }
-    return TokenCache(train + held, [False] * len(train) + [True] * len(held), meta)
+    rows = train + held
+    return TokenCache([p for p, _ in rows], [False] * len(train) + [True] * len(held), meta,
+                      at_function_body=[body for _, body in rows])
 
 
 def fill_continuations(
@@ -236,6 +319,7 @@ def fill_continuations(
     keep = [i for i in range(len(cache.prompts)) if conts[i] is not None]
     cache.prompts = [cache.prompts[i] for i in keep]
     cache.held_out = [cache.held_out[i] for i in keep]
+    cache.at_function_body = [cache.at_function_body[i] for i in keep]
     cache.continuations = [conts[i] for i in keep]
     cache.meta["gen_tokens"] = gen_tokens
     dropped = len(conts) - len(keep)

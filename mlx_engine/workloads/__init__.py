@@ -64,4 +64,5 @@ def load(workload: str) -> list[Prompt]:
 
 
 def save(prompts: list[Prompt], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(p.to_json() + "\n" for p in prompts), encoding="utf-8")

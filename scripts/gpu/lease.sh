@@ -23,9 +23,11 @@
 # the GGUF, and runs `python -m mlx_engine.bench` on MLX's CUDA backend for the drafters in
 # BENCH_DRAFTERS; $OUT/bench.tgz holds every evidence JSON and plot (it is rewritten after each
 # run, so a run cut by the call limit keeps what finished). Knobs (env): SEED (0), LR (1e-3),
-# BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), GEN_TOKENS (256), GEN_LIMIT
+# BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), EVAL_PROMPTS (64),
+# FUNCTION_PROMPTS (0: the share of prompts ending at a function body), GEN_TOKENS (256), GEN_LIMIT
 # (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPE
-# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_DRAFTERS (bundled[,/tmp/kakeya-run/drafter]).
+# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_DRAFTERS (bundled[,/tmp/kakeya-run/drafter]),
+# BENCH_TAG (suffix of the evidence names: runs that differ only in MLX_* env settings).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -38,6 +40,7 @@ SEED=${SEED:-0}
 NUM_PROMPTS=${NUM_PROMPTS:-8192}
 EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 PROMPT_ARGS=(--num-prompts "$NUM_PROMPTS" --eval-prompts "$EVAL_PROMPTS"
+             --function-prompts "${FUNCTION_PROMPTS:-0}"
              --min-prompt-tokens 64 --max-prompt-tokens 512 --seed "$SEED")
 
 pack() {  # here (CPU, with the package installed): prepare the six carries
@@ -144,7 +147,7 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
         for b in "${blocks[@]}"; do
             name=bundled
             [[ $d == default ]] || name=$(basename "$(dirname "$d")")
-            name+=-b$b-${BENCH_DTYPE:-bfloat16}
+            name+=-b$b-${BENCH_DTYPE:-bfloat16}${BENCH_TAG:+-$BENCH_TAG}
             python3 -m mlx_engine.bench --workload "${BENCH_WORKLOAD:-code}" \
                 --n "${BENCH_N:-40}" --max-tokens "${BENCH_TOKENS:-128}" --model "$model" \
                 --dtype "${BENCH_DTYPE:-bfloat16}" --draft "$d" --block-size "$b" \
