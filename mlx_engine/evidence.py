@@ -36,13 +36,14 @@ def _git(cwd: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
-def git_sha(checkout: Path = Path(__file__).parent) -> str | None:
-    """HEAD of the checkout this code runs from, `-dirty` when tracked files differ from it
-    (a number must lead back to the code that produced it)."""
-    sha = _git(checkout, "rev-parse", "HEAD")
+def git_sha(package: Path = Path(__file__).parent) -> str | None:
+    """HEAD of the checkout this code runs from, `-dirty` when tracked files of the package
+    differ from it (a number must lead back to the code that produced it; a docs edit while a
+    bench runs does not change that code)."""
+    sha = _git(package, "rev-parse", "HEAD")
     if not sha:
         return None
-    dirty = _git(checkout, "status", "--porcelain", "--untracked-files=no")
+    dirty = _git(package, "status", "--porcelain", "--untracked-files=no", "--", ".")
     return f"{sha}-dirty" if dirty else sha
 
 

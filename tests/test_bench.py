@@ -67,17 +67,18 @@ def test_first_divergence_locates_the_first_differing_token():
     assert evidence.first_divergence([5, 6, 7], [5, 6]) == 2  # one stream stopped early
 
 
-def test_engine_defaults_mlx_to_full_fp32_unless_told(monkeypatch):
+@pytest.mark.parametrize("name", ["MLX_ENABLE_TF32", "MLX_CUDA_USE_CUDNN_SDPA"])
+def test_engine_defaults_mlx_settings_unless_told(monkeypatch, name):
     import importlib
 
     import mlx_engine
 
-    monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
+    monkeypatch.delenv(name, raising=False)
     importlib.reload(mlx_engine)
-    assert os.environ["MLX_ENABLE_TF32"] == "0"
-    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
+    assert os.environ[name] == "0"
+    monkeypatch.setenv(name, "1")
     importlib.reload(mlx_engine)
-    assert os.environ["MLX_ENABLE_TF32"] == "1"
+    assert os.environ[name] == "1"
 
 
 def test_auto_block_size_is_lossless(pair, tmp_path):

@@ -129,18 +129,22 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
 
 
-def test_git_sha_marks_a_dirty_checkout(tmp_path):
+def test_git_sha_marks_a_dirty_package(tmp_path):
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
 
-    assert evidence.git_sha(tmp_path) is None  # not a checkout
+    package = tmp_path / "pkg"
+    package.mkdir()
+    assert evidence.git_sha(package) is None  # not a checkout
     git("init", "-q")
-    (tmp_path / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
+    (package / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
-    clean = evidence.git_sha(tmp_path)
+    clean = evidence.git_sha(package)
     assert clean is not None and len(clean) == 40
-    (tmp_path / "new.py").write_text("")  # untracked files do not change the code that ran
-    assert evidence.git_sha(tmp_path) == clean
-    (tmp_path / "a.py").write_text("x = 2\n")
-    assert evidence.git_sha(tmp_path) == f"{clean}-dirty"
+    (package / "new.py").write_text("")  # untracked: not code that ran
+    (tmp_path / "README.md").write_text("edited while a bench ran\n")  # outside the package
+    assert evidence.git_sha(package) == clean
+    (package / "a.py").write_text("x = 2\n")
+    assert evidence.git_sha(package) == f"{clean}-dirty"

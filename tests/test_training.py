@@ -267,10 +267,9 @@ def test_smoke_run_loss_falls(smoke: Path):
     taus = {(r["prompts"], r["block_size"]): r for r in log["held_out_tau"]}
     assert set(taus) == {(k, b) for k in ("all", "excerpt", "function_body") for b in (4, 8)}
     assert all(r["tau"] >= 1.0 for r in taus.values())
-    for b in (4, 8):  # the two kinds split the held-out rounds between them
-        parts = [taus[k, b] for k in ("excerpt", "function_body")]
-        assert sum(r["rounds"] for r in parts) == taus["all", b]["rounds"]
-        assert sum(r["sequences"] for r in parts) == taus["all", b]["sequences"] == 6
+    for b in (4, 8):  # --function-prompts 0.5 of the 6 held-out prompts end at a body
+        assert [taus[k, b]["sequences"] for k in ("excerpt", "function_body", "all")] == [3, 3, 6]
+        assert taus["all", b]["tau"] == taus["all", b]["tokens"] / taus["all", b]["rounds"]
 
 
 def test_export_is_z_lab_format_and_reloads(smoke: Path):
