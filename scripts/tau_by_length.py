@@ -14,7 +14,7 @@ from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
 from mlx_engine.reference.torch_target import load_target
 from mlx_engine.sources import resolve_drafter
 from mlx_engine.training.data import TokenCache
-from mlx_engine.training.evaluate import accepted_per_anchor
+from mlx_engine.training.evaluate import accepted_per_anchor, round_commits
 
 LENGTHS = (64, 96, 128, 192, 256)
 
@@ -36,11 +36,9 @@ def main() -> None:
         accepted = accepted_per_anchor(target, drafter, prompt + cont, len(prompt),
                                        args.block_size)
         for n in LENGTHS:  # the rounds whose whole block lies inside the first n tokens
-            s = 0
-            while s <= min(n, len(cont)) - args.block_size:
-                totals[n][0] += 1
-                totals[n][1] += accepted[s] + 1
-                s += accepted[s] + 1
+            steps = round_commits(accepted, n - args.block_size + 1)
+            totals[n][0] += len(steps)
+            totals[n][1] += sum(steps)
     for n, (rounds, tokens) in totals.items():
         print(f"first {n:3d} tokens: tau {tokens / rounds:.2f} over {rounds} rounds")
 

@@ -45,6 +45,19 @@ def accepted_per_anchor(
     return accepted
 
 
+def round_commits(accepted: Sequence[int], anchors: int | None = None) -> list[int]:
+    """Tokens committed by each round of the replayed loop: the round at anchor s commits its
+    accepted drafts + the bonus token and the next anchors after them. Rounds start at the
+    first `anchors` anchors (default: every anchor with a whole block inside the text)."""
+    end = len(accepted) if anchors is None else min(anchors, len(accepted))
+    steps: list[int] = []
+    s = 0
+    while s < end:
+        steps.append(accepted[s] + 1)
+        s += steps[-1]
+    return steps
+
+
 def acceptance_length(
     target: TargetModel,
     drafter: TorchDFlashDrafter,
@@ -55,15 +68,10 @@ def acceptance_length(
     """tau = committed tokens per verify round over all full rounds of all sequences."""
     rounds = produced = 0
     for prompt, cont in zip(prompts, continuations, strict=True):
-        tokens = prompt + cont
-        first = len(prompt)
-        accepted = accepted_per_anchor(target, drafter, tokens, first, block_size)
-        s = first
-        while s - first < len(accepted):
-            step = accepted[s - first] + 1
-            rounds += 1
-            produced += step
-            s += step
+        steps = round_commits(accepted_per_anchor(target, drafter, prompt + cont, len(prompt),
+                                                  block_size))
+        rounds += len(steps)
+        produced += sum(steps)
     return {
         "block_size": block_size,
         "tau": produced / rounds if rounds else float("nan"),
