@@ -270,6 +270,7 @@ def _check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    evidence.code_version()  # the code as it is now, before the run
     if args.openblas:
         blas.reexec_with_openblas(__spec__.name, argv)
     _check(args)

@@ -6,6 +6,7 @@ against the JSON Schema shipped beside this module before it is written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,13 @@ def git_sha(package: Path = Path(__file__).parent) -> str | None:
         return None
     dirty = _git(package, "status", "--porcelain", "--untracked-files=no", "--", ".")
     return f"{sha}-dirty" if dirty else sha
+
+
+@functools.cache
+def code_version() -> str | None:
+    """git_sha() of the code this process runs, read once: runs call it when they start, so an
+    edit made while a long bench runs cannot relabel the code that ran."""
+    return git_sha()
 
 
 def backend() -> str:
@@ -154,7 +162,7 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
                  block_size: int | None, command: str | None = None) -> dict[str, Any]:
     m, d = engine.model_info, engine.drafter_info
-    tool = {"name": "kakeya-mlx", "version": __version__, "git_sha": git_sha()}
+    tool = {"name": "kakeya-mlx", "version": __version__, "git_sha": code_version()}
     if command:
         tool["command"] = command
     return {

@@ -84,6 +84,7 @@ def _report(mode: str, prompt_len: int, result: RunResult) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    evidence.code_version()  # the code as it is now, before the run
     text = read_prompt(args)
     opts = _options(args)
     engine = Engine.load(args.model, None if args.mode == "ar" else args.draft, args.dtype)

@@ -61,6 +61,25 @@ def test_bench_runs_every_workload(pair, tmp_path, workload):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_evidence_names_the_code_as_it_was_when_the_run_started(pair, tmp_path, monkeypatch):
+    """A package edit made while a long bench runs must not relabel the code that ran."""
+    edited = []
+    monkeypatch.setattr(evidence, "git_sha", lambda: "abc-dirty" if edited else "abc")
+    build_record = evidence.build_record
+
+    def edit_then_build(*args, **kwargs):
+        edited.append(True)
+        return build_record(*args, **kwargs)
+
+    monkeypatch.setattr(evidence, "build_record", edit_then_build)
+    evidence.code_version.cache_clear()
+    try:
+        record = _bench(pair, tmp_path, "--workload", "code")
+    finally:
+        evidence.code_version.cache_clear()
+    assert edited and record["tool"]["git_sha"] == "abc"
+
+
 def test_first_divergence_locates_the_first_differing_token():
     assert evidence.first_divergence([5, 6, 7], [5, 6, 7]) is None
     assert evidence.first_divergence([5, 6, 7], [5, 9, 7]) == 1

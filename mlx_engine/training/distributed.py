@@ -125,15 +125,14 @@ def average_gradients(params: Sequence[torch.nn.Parameter], group: Group) -> Non
     """Mean of every rank's gradients, in one flat all-reduce."""
     if group.world == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    grads = [p.grad for p in params if p.grad is not None]  # the same set on every rank
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= group.world
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def check_replicas(module: torch.nn.Module, group: Group) -> None:
