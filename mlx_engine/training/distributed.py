@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Group:
+    """This process's place among the ranks; rank 0 is the one that writes files."""
+
     rank: int = 0
     world: int = 1
 
