@@ -399,12 +399,9 @@ def _run(args: argparse.Namespace, group: Any, device: Any) -> int:
                         f"target vocab_size {target.vocab_size}")
     if not cache.has_continuations(args.gen_tokens):
         t = time.perf_counter()
-
-        def generate(prompts: list, n: int, deadline: float | None) -> list:
-            return distributed.sharded(lambda mine: target.greedy_continue(
-                mine, n, args.gen_batch_size, cache.meta["eos_ids"],
-                not args.quiet and group.main, deadline), group)(prompts)
-
+        generate = distributed.sharded(lambda prompts, n, deadline: target.greedy_continue(
+            prompts, n, args.gen_batch_size, cache.meta["eos_ids"],
+            not args.quiet and group.main, deadline), group)
         dropped = fill_continuations(cache, generate, args.gen_tokens, args.gen_time_limit)
         if group.main:
             cache.save(args.out / DATA_FILE)

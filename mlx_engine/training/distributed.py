@@ -100,10 +100,10 @@ def interleave(parts: Sequence[Sequence[T]]) -> list[T]:
     return out
 
 
-def sharded(fn: Callable[[list[T]], list[Any]], group: Group) -> Callable[[list[T]], list]:
-    """fn over a list, each rank taking every world-th item; every rank gets all results."""
-    def run(items: list[T]) -> list:
-        return interleave(gather(fn(items[group.rank :: group.world]), group))
+def sharded(fn: Callable[..., list[Any]], group: Group) -> Callable[..., list]:
+    """fn(items, *args), each rank taking every world-th item; every rank gets all results."""
+    def run(items: list[T], *args: Any) -> list:
+        return interleave(gather(fn(items[group.rank :: group.world], *args), group))
     return run
 
 

@@ -5,7 +5,8 @@ wall-clock budget (the GPU lease) still finishes its cosine decay instead of bei
 at a high learning rate. Checkpoints hold everything a resume needs (weights, optimiser,
 step, elapsed time, RNG state, history); data order is a pure function of (seed, step).
 Under torchrun (`distributed`) each step's batch is split over the ranks, gradients are
-averaged, and every rank follows rank 0's progress; rank 0 keeps the checkpoint and logs.
+averaged, and every rank follows the slowest rank's progress; rank 0 keeps the checkpoint
+and logs.
 """
 
 from __future__ import annotations
