@@ -4,8 +4,8 @@ Fused, per block: draft B-1 tokens in one drafter forward -> verify [anchor, dra
 target forward that also yields the drafter's context taps -> accept in-graph -> read back
 once -> trim the rejected rows -> queue the drafter context extension. In `two-phase` graph
 mode the drafter graph is materialised before the verifier graph is built (seed 004 saw
-143 s Metal evals when both ran as one graph): 2 host syncs per block; `single` builds one
-graph: 1 sync per block.
+143 s Metal evals when both ran as one graph): 2 host syncs per block. `single` only queues
+the drafts, so the device drafts while the host builds the verify: 1 sync per block.
 """
 
 from __future__ import annotations
@@ -183,9 +183,12 @@ def fused_stream(
         width = block_size(stats) if callable(block_size) else block_size
         anchor_arr = mx.array([anchor], dtype=mx.int32)
         drafts, draft_p = source.propose(anchor_arr, width, params, next(keys))
+        draft_out = [drafts, *([] if draft_p is None else [draft_p])]
         if graph == "two-phase":
-            mx.eval(drafts, *([] if draft_p is None else [draft_p]))
+            mx.eval(draft_out)
             stats.host_syncs += 1
+        else:
+            mx.async_eval(draft_out)
         t1 = time.perf_counter()
 
         block = verifier.forward(mx.concatenate([anchor_arr, drafts])[None], cache)

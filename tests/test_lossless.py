@@ -55,16 +55,22 @@ def test_fused_equals_ar(pair, block_size):
     assert stats.syncs_per_block == 2
 
 
-def test_single_graph_mode_is_lossless_with_one_sync(pair):
+def test_single_graph_mode_is_lossless_with_one_sync(pair, monkeypatch):
     verifier, drafter = pair
     prompt = prompt_tokens(PROMPT_LEN, seed=3)
     stats = DecodeStats()
+    real_async_eval, queued = mx.async_eval, []
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (queued.append(a), real_async_eval(*a)))
     fused = collect(
         fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS, 8,
                      graph="single", stats=stats)
     )
+    monkeypatch.undo()
     assert fused == _ar(verifier, prompt)
     assert stats.syncs_per_block == 1
+    # per block: the drafts (so the device drafts while the host builds the verify) and the
+    # drafter-context extension
+    assert len(queued) == 2 * stats.blocks
 
 
 def test_ar_oracle_matches_mlx_lm_native_cache(pair):

@@ -24,16 +24,16 @@
 # data.npz reuses them in a later call); on a machine of several GPUs it runs data-parallel
 # over all of them (torchrun). `bench` installs mlx + mlx-cuda-13 + mlx-lm, converts the
 # GGUF, and runs `python -m mlx_engine.bench` on MLX's CUDA backend for every combination of
-# BENCH_DRAFTERS x BENCH_BLOCKS x BENCH_DTYPES x BENCH_GRAPHS x BENCH_ENVS (each an MLX env
-# setting VAR=VALUE[,VAR=VALUE], or - for none), one queue of runs per GPU;
+# BENCH_DRAFTERS x BENCH_BLOCKS x BENCH_DTYPES x BENCH_FLAGS (each extra bench flags
+# --flag=VALUE[,--flag=VALUE], or - for none) x BENCH_ENVS (each an MLX env setting
+# VAR=VALUE[,VAR=VALUE], or - for none), one queue of runs per GPU;
 # $OUT/bench-gpuK.tgz holds queue K's evidence JSONs, plots and logs (rewritten after each
 # run, so a run cut by the call limit keeps what finished). Knobs (env): SEED (0), LR (1e-3),
 # BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), EVAL_PROMPTS (64),
 # FUNCTION_PROMPTS (0: the share of prompts ending at a function body), GEN_TOKENS (256), GEN_LIMIT
 # (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPES
-# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_GRAPHS (two-phase), BENCH_DRAFTERS
-# (default[,/tmp/kakeya-run/drafter]), BENCH_TAG (suffix of the evidence names: runs that
-# differ only in MLX_* env settings).
+# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-), BENCH_DRAFTERS
+# (default[,/tmp/kakeya-run/drafter]). Flags and env settings name the evidence files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -150,17 +150,17 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
     mkdir -p "$res"
-    local drafters blocks dtypes graphs envs jobs=() d b t g e
+    local drafters blocks dtypes flags envs jobs=() d b t f e
     IFS=, read -ra drafters <<< "${BENCH_DRAFTERS:-default}"
     read -ra blocks <<< "${BENCH_BLOCKS:-16 8 4 auto}"
     read -ra dtypes <<< "${BENCH_DTYPES:-bfloat16}"
-    read -ra graphs <<< "${BENCH_GRAPHS:-two-phase}"
+    read -ra flags <<< "${BENCH_FLAGS:--}"
     read -ra envs <<< "${BENCH_ENVS:--}"
     for d in "${drafters[@]}"; do
         [[ $d == default || -f $d/draft_vocab.safetensors ]] ||
             cp mlx_engine/drafters/gemma3-270m-dflash/draft_vocab.safetensors "$d/"
-        for b in "${blocks[@]}"; do for t in "${dtypes[@]}"; do for g in "${graphs[@]}"; do
-            for e in "${envs[@]}"; do jobs+=("$d $b $t $g $e"); done
+        for b in "${blocks[@]}"; do for t in "${dtypes[@]}"; do for f in "${flags[@]}"; do
+            for e in "${envs[@]}"; do jobs+=("$d $b $t $f $e"); done
         done; done; done
     done
     local gpus k
@@ -173,22 +173,21 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
 }
 
 bench_queue() {  # device: GPU $1 of $2 runs every $2-th job, in order
-    local gpu=$1 step=$2 model=$3 res=$4 i name d b t g e
+    local gpu=$1 step=$2 model=$3 res=$4 i name d b t f e
     shift 4
     mkdir -p "$res"
     for ((i = gpu; i < $#; i += step)); do
-        read -r d b t g e <<< "${@:i+1:1}"
+        read -r d b t f e <<< "${@:i+1:1}"
         name=bundled
         [[ $d == default ]] || name=$(basename "$(dirname "$d")")
         name+=-b$b-$t
-        [[ $g == two-phase ]] || name+=-$g
+        [[ $f == - ]] || name+=$(tr -s ',=-' - <<< "-$f")
         [[ $e == - ]] || name+=-${e//[=,]/-}
-        name+=${BENCH_TAG:+-$BENCH_TAG}
-        # shellcheck disable=SC2046  # e: VAR=VALUE[,VAR=VALUE...], no spaces
+        # shellcheck disable=SC2046  # e, f: comma-separated, no spaces
         env CUDA_VISIBLE_DEVICES="$gpu" $([[ $e == - ]] || tr , ' ' <<< "$e") \
             python3 -m mlx_engine.bench --workload "${BENCH_WORKLOAD:-code}" \
             --n "${BENCH_N:-40}" --max-tokens "${BENCH_TOKENS:-128}" --model "$model" \
-            --dtype "$t" --draft "$d" --block-size "$b" --graph "$g" \
+            --dtype "$t" --draft "$d" --block-size "$b" $([[ $f == - ]] || tr , ' ' <<< "$f") \
             --json "$res/$name.json" --plot "$res/$name.png" > "$res/$name.log" 2>&1 ||
             echo "bench $name failed"
         echo "== gpu $gpu: $name"
