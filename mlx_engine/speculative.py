@@ -10,12 +10,14 @@ the drafts, so the device drafts while the host builds the verify: 1 sync per bl
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import mlx.core as mx
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
 from .proposer import DraftSource
@@ -96,6 +98,20 @@ class _Emitter:
         return tokens
 
 
+def _on_generation_stream(loop: Callable[..., Iterator[list[int]]]):
+    """Run a decoding loop on mlx-lm's generation stream, as its `generate_step` does, so the
+    bench's arms (ours and mlx-lm's) all run on one stream. On an H200 our AR ran at 0.93-0.97x
+    mlx-lm's on the default stream, 0.95-0.98x on this one (different calls, shared host).
+    """
+
+    @functools.wraps(loop)
+    def run(*args, **kwargs) -> Iterator[list[int]]:
+        with mx.stream(generation_stream):
+            yield from loop(*args, **kwargs)
+
+    return run
+
+
 def _prefill(
     verifier: Verifier,
     prompt: list[int],
@@ -120,6 +136,7 @@ def _prefill(
     return cache, first
 
 
+@_on_generation_stream
 def ar_stream(
     verifier: Verifier,
     prompt: list[int],
@@ -154,6 +171,7 @@ def ar_stream(
         yield out
 
 
+@_on_generation_stream
 def fused_stream(
     verifier: Verifier,
     source: DraftSource,
