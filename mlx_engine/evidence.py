@@ -48,11 +48,21 @@ def git_sha(package: Path = Path(__file__).parent) -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
+def source_sha256(package: Path = Path(__file__).parent) -> str:
+    """sha256 over the package's Python sources (relative path + bytes, sorted): names the code
+    where git cannot, e.g. a copy of the tree whose `.git` lags it (the lent GPU machines)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 @functools.cache
-def code_version() -> str | None:
-    """git_sha() of the code this process runs, read once: runs call it when they start, so an
-    edit made while a long bench runs cannot relabel the code that ran."""
-    return git_sha()
+def code_version() -> dict[str, str | None]:
+    """git_sha() and source_sha256() of the code this process runs, read once: runs call it
+    when they start, so an edit made while a long bench runs cannot relabel the code that ran."""
+    return {"git_sha": git_sha(), "source_sha256": source_sha256()}
 
 
 def backend() -> str:
@@ -162,7 +172,7 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
                  block_size: int | None, command: str | None = None) -> dict[str, Any]:
     m, d = engine.model_info, engine.drafter_info
-    tool = {"name": "kakeya-mlx", "version": __version__, "git_sha": code_version()}
+    tool = {"name": "kakeya-mlx", "version": __version__, **code_version()}
     if command:
         tool["command"] = command
     return {

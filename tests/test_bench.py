@@ -65,6 +65,7 @@ def test_evidence_names_the_code_as_it_was_when_the_run_started(pair, tmp_path, 
     """A package edit made while a long bench runs must not relabel the code that ran."""
     edited = []
     monkeypatch.setattr(evidence, "git_sha", lambda: "abc-dirty" if edited else "abc")
+    monkeypatch.setattr(evidence, "source_sha256", lambda: "e" * 64 if edited else "0" * 64)
     build_record = evidence.build_record
 
     def edit_then_build(*args, **kwargs):
@@ -78,6 +79,7 @@ def test_evidence_names_the_code_as_it_was_when_the_run_started(pair, tmp_path, 
     finally:
         evidence.code_version.cache_clear()
     assert edited and record["tool"]["git_sha"] == "abc"
+    assert record["tool"]["source_sha256"] == "0" * 64
 
 
 def test_first_divergence_locates_the_first_differing_token():

@@ -148,3 +148,18 @@ def test_git_sha_marks_a_dirty_package(tmp_path):
     assert evidence.git_sha(package) == clean
     (package / "a.py").write_text("x = 2\n")
     assert evidence.git_sha(package) == f"{clean}-dirty"
+
+
+def test_source_sha256_follows_the_code_and_its_layout(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 1\n")
+    first = evidence.source_sha256(package)
+    (package / "notes.md").write_text("not code\n")
+    assert evidence.source_sha256(package) == first
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    assert evidence.source_sha256(package) != first
+    (package / "sub" / "b.py").write_text("y = 1\n")
+    (package / "sub" / "b.py").rename(package / "b.py")  # same bytes, other module
+    assert evidence.source_sha256(package) != first
