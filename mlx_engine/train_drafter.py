@@ -271,7 +271,7 @@ def _held_out_taus(
     over all of them, and per kind (excerpt, function body) when both are there. Ranks
     replay a share of the prompts each and add up their rounds and tokens."""
     from .training import distributed
-    from .training.evaluate import acceptance_length
+    from .training.evaluate import acceptance_length, pooled
 
     kinds = {name: idx for name, idx in (
         ("excerpt", cache.indices(held_out=True, at_function_body=False)),
@@ -286,18 +286,11 @@ def _held_out_taus(
             counts = acceptance_length(target, drafter, [cache.prompts[i] for i in mine],
                                        [cache.continuations[i] for i in mine], b)
             parts.append({"prompts": name, "block_size": b,
-                          **_sum_counts(distributed.gather(counts, group))})
-        total = _sum_counts(parts)
+                          **pooled(distributed.gather(counts, group))})
+        total = pooled(parts)
         rows.append({"prompts": "all", "block_size": b, **total})
         rows += parts if len(parts) > 1 else []
     return rows
-
-
-def _sum_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """tau of several replays together: their committed tokens over their rounds."""
-    total = {k: sum(r[k] for r in rows) for k in ("rounds", "tokens", "sequences")}
-    tau = total["tokens"] / total["rounds"] if total["rounds"] else float("nan")
-    return {"tau": tau, **total}
 
 
 def _export_and_report(

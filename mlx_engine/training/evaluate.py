@@ -72,10 +72,14 @@ def acceptance_length(
                                                   block_size))
         rounds += len(steps)
         produced += sum(steps)
-    return {
-        "block_size": block_size,
-        "tau": produced / rounds if rounds else float("nan"),
-        "rounds": rounds,
-        "tokens": produced,
-        "sequences": len(prompts),
-    }
+    return {"block_size": block_size, **replay_totals(rounds, produced, len(prompts))}
+
+
+def pooled(replays: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several replays as one (ranks' shares, prompt kinds): their totals and their tau."""
+    return replay_totals(*(sum(r[k] for r in replays) for k in ("rounds", "tokens", "sequences")))
+
+
+def replay_totals(rounds: int, tokens: int, sequences: int) -> dict[str, Any]:
+    return {"tau": tokens / rounds if rounds else float("nan"), "rounds": rounds,
+            "tokens": tokens, "sequences": sequences}
