@@ -33,7 +33,8 @@
 # FUNCTION_PROMPTS (0: the share of prompts ending at a function body), GEN_TOKENS (256), GEN_LIMIT
 # (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPES
 # (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-), BENCH_DRAFTERS
-# (default[,/tmp/kakeya-run/drafter]). Flags and env settings name the evidence files.
+# (default[,/tmp/kakeya-run/drafter]), BENCH_QBITS (unset: the float verifier; 4: mlx-lm's
+# 4-bit quantization of it, group 64). Flags and env settings name the evidence files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -149,6 +150,11 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     local model=/tmp/g3-f32 res=/tmp/kakeya-bench
     [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
+    if [[ -n ${BENCH_QBITS:-} ]]; then  # an mlx-lm quantized verifier (MLX's own qmm kernels)
+        [[ -f /tmp/g3-q$BENCH_QBITS/config.json ]] || python3 -m mlx_lm convert --hf-path "$model" \
+            --mlx-path "/tmp/g3-q$BENCH_QBITS" -q --q-bits "$BENCH_QBITS" --q-group-size 64
+        model=/tmp/g3-q$BENCH_QBITS
+    fi
     mkdir -p "$res"
     local drafters blocks dtypes flags envs jobs=() d b t f e
     IFS=, read -ra drafters <<< "${BENCH_DRAFTERS:-default}"
@@ -180,7 +186,7 @@ bench_queue() {  # device: GPU $1 of $2 runs every $2-th job, in order
         read -r d b t f e <<< "${@:i+1:1}"
         name=bundled
         [[ $d == default ]] || name=$(basename "$(dirname "$d")")
-        name+=-b$b-$t
+        name+=${BENCH_QBITS:+-q$BENCH_QBITS}-b$b-$t
         [[ $f == - ]] || name+=$(tr -s ',=-' - <<< "-$f")
         [[ $e == - ]] || name+=-${e//[=,]/-}
         # shellcheck disable=SC2046  # e, f: comma-separated, no spaces
