@@ -151,9 +151,10 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
     if [[ -n ${BENCH_QBITS:-} ]]; then  # an mlx-lm quantized verifier (MLX's own qmm kernels)
-        [[ -f /tmp/g3-q$BENCH_QBITS/config.json ]] || python3 -m mlx_lm convert --hf-path "$model" \
-            --mlx-path "/tmp/g3-q$BENCH_QBITS" -q --q-bits "$BENCH_QBITS" --q-group-size 64
-        model=/tmp/g3-q$BENCH_QBITS
+        local quantized=/tmp/g3-q$BENCH_QBITS
+        [[ -f $quantized/config.json ]] || python3 -m mlx_lm convert --hf-path "$model" \
+            --mlx-path "$quantized" -q --q-bits "$BENCH_QBITS" --q-group-size 64
+        model=$quantized
     fi
     mkdir -p "$res"
     local drafters blocks dtypes flags envs jobs=() d b t f e
