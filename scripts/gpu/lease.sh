@@ -34,7 +34,8 @@
 # (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPES
 # (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-), BENCH_DRAFTERS
 # (default[,/tmp/kakeya-run/drafter]), BENCH_QBITS (unset: the float verifier; 4: mlx-lm's
-# 4-bit quantization of it, group 64). Flags and env settings name the evidence files.
+# 4-bit quantization of it, group 64; gguf: the GGUF's own quantized blocks, kept by
+# `convert_gguf --keep-quantization`). Flags and env settings name the evidence files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -150,10 +151,16 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     local model=/tmp/g3-f32 res=/tmp/kakeya-bench
     [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
-    if [[ -n ${BENCH_QBITS:-} ]]; then  # an mlx-lm quantized verifier (MLX's own qmm kernels)
+    if [[ -n ${BENCH_QBITS:-} ]]; then  # a quantized verifier (MLX's own qmm kernels)
         local quantized=/tmp/g3-q$BENCH_QBITS
-        [[ -f $quantized/config.json ]] || python3 -m mlx_lm convert --hf-path "$model" \
-            --mlx-path "$quantized" -q --q-bits "$BENCH_QBITS" --q-group-size 64
+        if [[ -f $quantized/config.json ]]; then :
+        elif [[ $BENCH_QBITS == gguf ]]; then  # the GGUF's own blocks, bit for bit
+            PYTHONPATH=/tmp/convert-site:$PYTHONPATH python3 -m mlx_engine.convert_gguf \
+                --gguf "$STAGE/$GGUF" --out "$quantized" --keep-quantization --quiet
+        else  # mlx-lm's re-quantization of the float32 one
+            python3 -m mlx_lm convert --hf-path "$model" --mlx-path "$quantized" -q \
+                --q-bits "$BENCH_QBITS" --q-group-size 64
+        fi
         model=$quantized
     fi
     mkdir -p "$res"
