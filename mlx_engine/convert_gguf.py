@@ -34,6 +34,7 @@ from mlx_engine.gguf_blocks import GROUP_SIZE, quantize_exact
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 CONVERTER_VERSION = 1
 MARKER = "kakeya_source.json"
+DEFAULT_STEM = "gemma3-270m"  # the default verifier's name in the cache
 WEIGHTS = "model.safetensors"
 _REQUIRED_FILES = ("config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json")
 
@@ -114,10 +115,15 @@ def _default_gguf_sha256() -> str:
     return EXPECTED_SHA256
 
 
+def _cache_dir(stem: str, dtype: str, keep_quantization: bool = False) -> Path:
+    """Where a conversion lives in the cache unless `--out` says otherwise."""
+    return cache_root() / f"{stem}-{dtype}{'-gguf-quantized' if keep_quantization else ''}"
+
+
 def default_verifier_dir(dtype: str = "float32", progress: bool = True) -> Path:
     """The cached mlx-lm dir of the default verifier; converted on first use."""
     _check_dtype(dtype)
-    out_dir = cache_root() / f"gemma3-270m-{dtype}"
+    out_dir = _cache_dir(DEFAULT_STEM, dtype)
     if is_cache_hit(out_dir, dtype, _default_gguf_sha256()):
         return out_dir
     return _convert(default_gguf_path(), out_dir, dtype, progress, replace_any=True)
@@ -562,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"GGUF file not found: {args.gguf}")
     keep = args.keep_quantization
     if args.out is None:
-        stem = "gemma3-270m" if args.gguf is None else args.gguf.stem
-        out_dir = cache_root() / f"{stem}-{args.dtype}{'-gguf-quantized' if keep else ''}"
+        stem = DEFAULT_STEM if args.gguf is None else args.gguf.stem
+        out_dir = _cache_dir(stem, args.dtype, keep)
     else:
         out_dir = args.out.expanduser().absolute()
     expected = _default_gguf_sha256() if args.gguf is None else _sha256(args.gguf)
