@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", default=None,
                    help="verified block length 2..drafter's, or 'auto' (default: drafter's)")
     p.add_argument("--model", default=DEFAULT,
-                   help="mlx-lm model dir or HF id (default: offline Gemma 3 270M)")
+                   help="mlx-lm model dir or HF id (default: offline Gemma 3 270M, dense; "
+                        "default-quantized: the same in its GGUF quantization)")
     p.add_argument("--draft", default=DEFAULT,
                    help="z-lab-format DFlash drafter dir or HF id (default: bundled)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,

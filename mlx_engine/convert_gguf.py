@@ -120,13 +120,16 @@ def _cache_dir(stem: str, dtype: str, keep_quantization: bool = False) -> Path:
     return cache_root() / f"{stem}-{dtype}{'-gguf-quantized' if keep_quantization else ''}"
 
 
-def default_verifier_dir(dtype: str = "float32", progress: bool = True) -> Path:
-    """The cached mlx-lm dir of the default verifier; converted on first use."""
+def default_verifier_dir(dtype: str = "float32", progress: bool = True,
+                         keep_quantization: bool = False) -> Path:
+    """The cached mlx-lm dir of the default verifier (dense, or in the GGUF's own quantization);
+    converted on first use."""
     _check_dtype(dtype)
-    out_dir = _cache_dir(DEFAULT_STEM, dtype)
-    if is_cache_hit(out_dir, dtype, _default_gguf_sha256()):
+    out_dir = _cache_dir(DEFAULT_STEM, dtype, keep_quantization)
+    if is_cache_hit(out_dir, dtype, _default_gguf_sha256(), keep_quantization):
         return out_dir
-    return _convert(default_gguf_path(), out_dir, dtype, progress, replace_any=True)
+    return _convert(default_gguf_path(), out_dir, dtype, progress, replace_any=True,
+                    keep_quantization=keep_quantization)
 
 
 def is_cache_hit(out_dir: Path, dtype: str, gguf_sha256: str, keep_quantization: bool = False

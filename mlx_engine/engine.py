@@ -13,7 +13,7 @@ from .drafter_config import check_compatible
 from .errors import UserError
 from .proposer import DFlashDraftSource, DraftHead, load_draft_vocab
 from .sampling import SamplingParams
-from .sources import DEFAULT, dir_sha256, resolve_drafter, resolve_model
+from .sources import DEFAULT, DEFAULT_QUANTIZED, dir_sha256, resolve_drafter, resolve_model
 from .speculative import BlockSize, DecodeStats, GraphMode, ar_stream, fused_stream
 from .verifier import Verifier
 
@@ -53,7 +53,7 @@ class RunResult:
 def _load_verifier(spec: str, dtype: str | None) -> tuple[Verifier, object, ModelInfo]:
     from mlx_lm import load
 
-    chosen = dtype or default_dtype()
+    chosen = dtype or ("float32" if spec == DEFAULT_QUANTIZED else default_dtype())
     path = resolve_model(spec, chosen)
     try:
         model, tokenizer = load(str(path))

@@ -22,7 +22,8 @@ from .sources import DEFAULT
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_engine.generate", description=__doc__)
     p.add_argument("--model", default=DEFAULT,
-                   help="mlx-lm model dir or HF id (default: offline Gemma 3 270M)")
+                   help="mlx-lm model dir or HF id (default: offline Gemma 3 270M, dense; "
+                        "default-quantized: the same in its GGUF quantization)")
     p.add_argument("--draft", default=DEFAULT,
                    help="z-lab-format DFlash drafter dir or HF id (default: bundled)")
     src = p.add_mutually_exclusive_group(required=True)

