@@ -3,13 +3,17 @@
 #
 #   ./setup_mac.sh [--dry-run] [--venv DIR] [--verifier PATH] [--drafter PATH]
 #                  [--repo-url URL] [--runner-dir DIR] [--runner-name NAME] [--token-stdin]
+#                  [--sandbox-user NAME | --no-sandbox] [--scratch DIR]
 #
 # Steps: check macOS arm64 + Python >= 3.10; create a venv and install this package; link models
-# into ~/kakeya-models (verifier, drafter); install git-lfs filters; when a registration token is
-# given (KAKEYA_RUNNER_TOKEN or --token-stdin; never a flag, never written to the repo), install,
-# register and start the GitHub Actions runner with the label kakeya-mac-m4; then run
-# `kakeya_mac doctor` and the bridge-selftest preset locally. --dry-run prints every action instead
-# of doing it (and works on Linux, where the tests run it).
+# into ~/kakeya-models (verifier, drafter); install git-lfs filters; create the bridge key
+# (~/.config/kakeya-mac/bridge.key, mode 0600); create the hidden, login-less sandbox user that
+# preset commands run as (default kakeya-sandbox; needs admin rights via sudo), a sudoers rule that
+# lets this user run commands as it (and as nobody else), and the scratch directory it works in;
+# when a registration token is given (KAKEYA_RUNNER_TOKEN or --token-stdin; never a flag, never
+# written to the repo), install, register and start the GitHub Actions runner with the label
+# kakeya-mac-m4; then run `kakeya_mac doctor` and the bridge-selftest preset locally. --dry-run
+# prints every action instead of doing it (and works on Linux, where the tests run it).
 set -euo pipefail
 
 LABEL="kakeya-mac-m4"
@@ -23,6 +27,10 @@ REPO_URL=""
 VERIFIER=""
 DRAFTER=""
 TOKEN="${KAKEYA_RUNNER_TOKEN:-}"
+SANDBOX_USER="kakeya-sandbox"
+SCRATCH="/Users/Shared/kakeya-mac"
+KEY_FILE="$HOME/.config/kakeya-mac/bridge.key"
+ME="$(id -un)"
 DRY_RUN=0
 FAILED=0
 
@@ -62,6 +70,9 @@ while [ $# -gt 0 ]; do
     --runner-dir) RUNNER_DIR="$2"; shift ;;
     --runner-name) RUNNER_NAME="$2"; shift ;;
     --token-stdin) IFS= read -r TOKEN ;;
+    --sandbox-user) SANDBOX_USER="$2"; shift ;;
+    --no-sandbox) SANDBOX_USER="" ;;
+    --scratch) SCRATCH="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
@@ -133,6 +144,72 @@ setup_lfs() {
   fi
 }
 
+create_key() {
+  if [ -f "$KEY_FILE" ]; then
+    say "bridge key exists: $KEY_FILE"
+    return
+  fi
+  run mkdir -p "$(dirname "$KEY_FILE")"
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '+ write a random bridge key to %s (mode 0600)\n' "$KEY_FILE"
+    return
+  fi
+  (umask 077 && openssl rand -hex 32 >"$KEY_FILE")
+  say "bridge key created: $KEY_FILE (clients verify results with it: KAKEYA_BRIDGE_KEY)"
+}
+
+# next_uid: the first free uid from 600 up (hidden service accounts live below 1000 on macOS).
+next_uid() {
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "<next free uid>"
+    return
+  fi
+  dscl . -list /Users UniqueID | awk '$2 >= 600 && $2 < 1000 {used[$2] = 1}
+    END {for (u = 600; u in used; u++); print u}'
+}
+
+# setup_sandbox: the unprivileged account presets run as, the sudo rule to reach it, its scratch.
+setup_sandbox() {
+  if [ -z "$SANDBOX_USER" ]; then
+    warn "--no-sandbox: presets run as $ME and can read what $ME can (see docs/bridge.md)"
+    return
+  fi
+  if id "$SANDBOX_USER" >/dev/null 2>&1; then
+    say "sandbox user exists: $SANDBOX_USER"
+  else
+    local uid home="/Users/$SANDBOX_USER" record="/Users/$SANDBOX_USER"
+    uid="$(next_uid)"
+    run sudo dscl . -create "/Groups/$SANDBOX_USER" PrimaryGroupID "$uid"
+    run sudo dscl . -create "$record" UniqueID "$uid"
+    run sudo dscl . -create "$record" PrimaryGroupID "$uid"
+    run sudo dscl . -create "$record" UserShell /usr/bin/false
+    run sudo dscl . -create "$record" NFSHomeDirectory "$home"
+    run sudo dscl . -create "$record" Password '*'
+    run sudo dscl . -create "$record" IsHidden 1
+    run sudo mkdir -p "$home"
+    run sudo chown "$SANDBOX_USER:$SANDBOX_USER" "$home"
+  fi
+  local rule="/etc/sudoers.d/kakeya-sandbox" draft
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '+ write "%s ALL=(%s) NOPASSWD: ALL" to %s (checked with visudo -cf)\n' \
+      "$ME" "$SANDBOX_USER" "$rule"
+  else
+    draft="$(mktemp)"
+    printf '%s ALL=(%s) NOPASSWD: ALL\n' "$ME" "$SANDBOX_USER" >"$draft"
+    visudo -cf "$draft" >/dev/null || die "the sudoers rule does not parse"
+    sudo install -m 0440 -o root -g wheel "$draft" "$rule"
+    rm -f "$draft"
+  fi
+  run sudo mkdir -p "$SCRATCH"
+  run sudo chown "$ME" "$SCRATCH"
+  run chmod 0711 "$SCRATCH"
+  # Presets run this venv's python as the sandbox user: it must reach it (and the model links).
+  run sudo -n -u "$SANDBOX_USER" "$VENV/bin/python" -c '' || {
+    warn "$SANDBOX_USER cannot run $VENV/bin/python: give it search access to the path"
+    FAILED=1
+  }
+}
+
 # set_env_line FILE KEY VALUE: KEY=VALUE in the runner's .env, replacing an older value.
 set_env_line() {
   local file="$1" key="$2" value="$3"
@@ -185,6 +262,10 @@ setup_runner() {
   fi
   set_env_line "$RUNNER_DIR/.env" KAKEYA_PYTHON "$VENV/bin/python"
   set_env_line "$RUNNER_DIR/.env" KAKEYA_MODELS "$MODELS"
+  if [ -n "$SANDBOX_USER" ]; then
+    set_env_line "$RUNNER_DIR/.env" KAKEYA_SANDBOX_USER "$SANDBOX_USER"
+    set_env_line "$RUNNER_DIR/.env" KAKEYA_SCRATCH "$SCRATCH"
+  fi
   if [ -f "$RUNNER_DIR/.service" ]; then
     say "runner service already installed"
   else
@@ -203,6 +284,8 @@ check_python
 install_package
 link_models
 setup_lfs
+create_key
+setup_sandbox
 setup_runner
 verify
 if [ "$FAILED" = 1 ]; then

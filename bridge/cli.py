@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from bridge import client, executor, report
+from bridge import client, executor, report, run
 from bridge.gitbus import REQUEST_PREFIXES
 from bridge.presets import default_presets_dir, load_presets
 from bridge.runner import serve
@@ -25,7 +25,7 @@ _VALUE_FLAGS = ("--branch-prefix", "--branch-suffix")
 
 def _join_flag_values(argv: list[str]) -> list[str]:
     """`--branch-suffix -b876` -> `--branch-suffix=-b876`: argparse would read `-b876` as an
-    option (a live failure in seed 004); these flags always take a value, so join it."""
+    option (an earlier bridge failed that way); these flags always take a value, so join it."""
     out: list[str] = []
     it = iter(argv)
     for arg in it:
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_join_flag_values(sys.argv[1:] if argv is None else argv))
     if args.command == "serve":
+        executor.harden()
         return serve(executor.config_from(args), args.once, args.poll)
     if args.command == "presets":
         print(client.describe_presets(load_presets(args.presets_dir)))
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "local":
         preset = client.preset_named(load_presets(args.presets_dir), args.preset)
         params = preset.resolve_params(client.parse_params(preset, args.param))
-        summary = executor.run_local(client.repo_root(), preset, params, args.out)
+        summary = run.run_local(client.repo_root(), preset, params, args.out)
         print(report.text(summary))
         return client.STATUS_EXIT[summary["status"]]
     if args.command == "doctor":
@@ -104,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                              args.branch_suffix)
     repo = client.repo_root()
     if args.command == "run":
-        request_id, branch = client.submit(repo, load_presets(args.presets_dir), args.preset,
-                                           args.param, args.remote, args.branch_prefix,
-                                           args.branch_suffix)
+        request_id, branch, sha = client.submit(repo, load_presets(args.presets_dir),
+                                                args.preset, args.param, args.remote,
+                                                args.branch_prefix, args.branch_suffix)
         print(request_id)
         print(f"pushed {branch} to {args.remote}", file=sys.stderr)
         if not args.wait:
             return 0
-        summary = client.wait(repo, args.remote, request_id, args.timeout, args.poll)
+        summary = client.wait(repo, args.remote, request_id, args.timeout, args.poll, sha)
         return client.finished(summary, request_id, args.timeout)
     if args.command == "status":
         return client.status(repo, args.remote, args.request_id)

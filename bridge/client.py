@@ -2,7 +2,7 @@
 
 A request is HEAD plus one commit that adds the manifest, built with plumbing in a temporary index
 and pushed straight to a new branch: the user's worktree, index and current branch are never
-touched, and uncommitted work is refused rather than silently swept in (seed 004).
+touched, and uncommitted work is refused rather than silently swept in.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge import gitbus, manifest, report
-from bridge.gitbus import HEADS, RESULT_PREFIX, GitError
+from bridge import busview, gitbus, manifest, report, seal
+from bridge.gitbus import HEADS, GitError
+from bridge.ledger import Debt
 from bridge.presets import Preset, load_presets, models_root
+from bridge.publish import RESULTS_NS, Link, deliver, result_commit
 from bridge.safety import Rejected
 from bridge.schema import schema_errors
 from bridge.selftest import host_info, mlx_status
@@ -31,8 +33,11 @@ from mlx_engine.errors import UserError
 
 STATUS_EXIT = {"passed": 0, "failed": 1, "error": 1, "cancelled": 1, "rejected": 2}
 EXIT_TIMEOUT = 3
-RESULTS_NS = "refs/kakeya-mac/results/"  # private local refs for fetched results, never branches
 _SUFFIX = re.compile(r"[A-Za-z0-9._-]{0,40}")
+
+
+class Unverified(UserError):
+    """A result no runner sealed (a plain push), or one about another request commit."""
 
 
 def find_repo() -> Path | None:
@@ -87,8 +92,8 @@ def check_branch_policy(repo: Path, prefix: str, suffix: str) -> None:
 
 
 def submit(repo: Path, presets: Mapping[str, Preset], preset_name: str, param_texts: list[str],
-           remote: str, prefix: str, suffix: str) -> tuple[str, str]:
-    """Push a request branch; return (request id, branch)."""
+           remote: str, prefix: str, suffix: str) -> tuple[str, str, str]:
+    """Push a request branch; return (request id, branch, request commit)."""
     if dirty := gitbus.git(repo, "status", "--porcelain", "--untracked-files=normal"):
         first = dirty.splitlines()[0]
         raise UserError(f"the working tree has uncommitted changes ({first.strip()} ...); "
@@ -110,9 +115,9 @@ def submit(repo: Path, presets: Mapping[str, Preset], preset_name: str, param_te
     tree = gitbus.tree_with_file(repo, head, manifest.MANIFEST_PATH, manifest.dump(doc))
     sha = gitbus.commit(repo, tree, f"mac-bridge request {request_id}", [head])
     branch = gitbus.request_branch(prefix, request_id, suffix)
-    if not gitbus.create_ref(repo, remote, sha, HEADS + branch):
+    if not gitbus.create_ref(repo, remote, sha, HEADS + branch, hooks=True):
         raise UserError(f"branch {branch} already exists on {remote}")
-    return request_id, branch
+    return request_id, branch, sha
 
 
 def _requester(repo: Path) -> str:
@@ -126,36 +131,57 @@ def _requester(repo: Path) -> str:
     return who or "unknown"
 
 
-def _fetch_result(repo: Path, remote: str, request_id: str) -> str | None:
-    """Fetch a result commit into a private local ref; None while there is none."""
-    ref = HEADS + RESULT_PREFIX + gitbus.checked_request_id(request_id)
-    if gitbus.remote_sha(repo, remote, ref) is None:
-        return None
-    return gitbus.fetch_into(repo, remote, ref, RESULTS_NS + request_id)
+def result_summary(repo: Path, remote: str, request_id: str,
+                   request_sha: str | None = None) -> dict[str, Any] | None:
+    """The summary.json of a request's result, or None while there is none.
 
-
-def result_summary(repo: Path, remote: str, request_id: str) -> dict[str, Any] | None:
-    """The published summary.json of a request, or None while there is none."""
-    if (sha := _fetch_result(repo, remote, request_id)) is None:
+    Unverified unless a seal signed with the bridge key names exactly this result commit, the
+    summary is about the sealed request commit, and that commit is `request_sha` (what the client
+    pushed; by default the request branch's commit)."""
+    rid = gitbus.checked_request_id(request_id)
+    claim_ref, result_ref = gitbus.claim_ref(rid), gitbus.result_ref(rid)
+    refs = gitbus.remote_shas(repo, remote, [claim_ref, result_ref])
+    if result_ref not in refs:
         return None
+    key = seal.require_key(os.environ)
+    stamp = refs.get(claim_ref) and busview.read_claim(repo, remote, key, rid, refs[claim_ref])
+    if not stamp or stamp.result != refs[result_ref]:
+        raise Unverified(f"the result on {result_ref} is not sealed by a runner: ignored")
+    sha = gitbus.fetch_into(repo, remote, result_ref, RESULTS_NS + rid)
     try:
-        doc = json.loads(gitbus.read_blob(repo, sha, "summary.json"))
+        doc = json.loads(gitbus.read_blob(repo, stamp.result, "summary.json"))
     except (GitError, ValueError):
         doc = None
     if errors := schema_errors("summary.v1", doc):
-        raise UserError(f"malformed result for {request_id}: {errors[0]}")
+        raise UserError(f"malformed result for {rid}: {errors[0]}")
+    if sha != stamp.result or doc["request_id"] != rid or doc["request_sha"] != stamp.request_sha:
+        raise Unverified(f"the result of {rid} does not match its seal: ignored")
+    if request_sha is None:  # no commit of our own to compare: the request branch's, if one
+        request_sha = gitbus.bus_state(repo, remote).request_sha(rid) or stamp.request_sha
+    if stamp.request_sha not in (None, request_sha):
+        raise Unverified(f"the result of {rid} is for request commit {stamp.request_sha}, "
+                         f"not {request_sha}")
     return doc
 
 
-def wait(repo: Path, remote: str, request_id: str, timeout_s: float,
-         poll_s: float) -> dict[str, Any] | None:
+def wait(repo: Path, remote: str, request_id: str, timeout_s: float, poll_s: float,
+         request_sha: str | None = None) -> dict[str, Any] | None:
+    """Poll until a verified result appears; an unverified one is reported once and waited past
+    (a runner replaces a forged result with the real one)."""
     deadline = time.monotonic() + timeout_s
-    while (summary := result_summary(repo, remote, request_id)) is None:
+    warned = False
+    while True:
+        try:
+            if (summary := result_summary(repo, remote, request_id, request_sha)) is not None:
+                return summary
+        except Unverified as exc:
+            if not warned:
+                print(f"warning: {exc}", file=sys.stderr)
+                warned = True
         left = deadline - time.monotonic()
         if left <= 0:
             return None
         time.sleep(min(poll_s, left))
-    return summary
 
 
 def finished(summary: dict[str, Any] | None, request_id: str, timeout_s: float) -> int:
@@ -185,36 +211,43 @@ def status(repo: Path, remote: str, request_id: str | None) -> int:
 
 
 def fetch(repo: Path, remote: str, request_id: str, out: Path | None) -> Path:
-    """Unpack a result into `out` (default runs/bridge/<id>, which .gitignore keeps out of git)."""
-    if (sha := _fetch_result(repo, remote, request_id)) is None:
+    """Unpack a verified result into `out` (default runs/bridge/<id>, which .gitignore keeps out
+    of git)."""
+    if result_summary(repo, remote, request_id) is None:
         raise UserError(f"no result for {request_id} on {remote} yet")
+    ref = RESULTS_NS + request_id  # fetched and verified just now
     out = out or repo / "runs" / "bridge" / request_id
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    data = gitbus.git_bytes(repo, "archive", "--format=tar", sha)
+    data = gitbus.git_bytes(repo, "archive", "--format=tar", ref)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(out, filter="data")
     return out
 
 
 def cancel(repo: Path, remote: str, request_id: str) -> int:
-    """Claim a pending request as cancelled, then publish a cancelled result for --wait to see."""
-    where = gitbus.bus_state(repo, remote).state_of(gitbus.checked_request_id(request_id))
+    """Settle a pending request as cancelled: a sealed `cancelled` result, pushed atomically
+    with its seal, so a runner that has not claimed it yet never will."""
+    state = gitbus.bus_state(repo, remote)
+    where = state.state_of(gitbus.checked_request_id(request_id))
     if where == "unknown":
         raise UserError(f"no request {request_id} on {remote}")
     who = _requester(repo)
-    if where != "pending" or not gitbus.claim(repo, remote, request_id, f"cancelled by {who}"):
-        print(f"{request_id}: already {'finished' if where == 'done' else 'claimed by a runner'};"
-              " not cancelled", file=sys.stderr)
-        return 1
-    summary = report.new_summary(request_id, gitbus.preset_of(request_id), f"client:{who}",
-                                 None, host_info())
-    summary.update(status="cancelled", gate={"passed": False, "reasons": [f"cancelled by {who}"]})
-    with tempfile.TemporaryDirectory() as tmp:
-        report.finalize(Path(tmp), summary, {})
-        gitbus.publish(repo, remote, request_id, Path(tmp))
-    print(f"{request_id}: cancelled")
-    return 0
+    link = Link(repo, remote, seal.require_key(os.environ), f"client:{who}")
+    summary = report.new_summary(request_id, gitbus.preset_of(request_id), link.runner, None,
+                                 host_info())
+    summary.update(status="cancelled", request_sha=state.request_sha(request_id),
+                   gate={"passed": False, "reasons": [f"cancelled by {who}"]})
+    if where == "pending":
+        with tempfile.TemporaryDirectory() as tmp:
+            report.finalize(Path(tmp), summary, {})
+            result = result_commit(link, request_id, Path(tmp), set())
+        if deliver(link, Debt(request_id, summary["request_sha"], None, result=result)):
+            print(f"{request_id}: cancelled")
+            return 0
+    print(f"{request_id}: already {'finished' if where == 'done' else 'claimed by a runner'};"
+          " not cancelled", file=sys.stderr)
+    return 1
 
 
 def describe_presets(presets: Mapping[str, Preset]) -> str:
@@ -253,6 +286,7 @@ def doctor(repo: Path | None, remote: str, presets_dir: Path, prefix: str, suffi
     checks.append(("ok" if sys.version_info >= (3, 10) else "FAIL", "python",
                    sys.version.split()[0]))
     check("presets", lambda: ("ok", f"{len(load_presets(presets_dir))} valid in {presets_dir}"))
+    check("bridge key", _doctor_key)
     if repo is None:
         checks.append(("FAIL", "repository", "not inside a git repository"))
     else:
@@ -272,6 +306,13 @@ def doctor(repo: Path | None, remote: str, presets_dir: Path, prefix: str, suffi
     for level, name, detail in checks:
         print(f"[{level}] {name}: {detail}")
     return 1 if any(level == "FAIL" for level, _, _ in checks) else 0
+
+
+def _doctor_key() -> tuple[str, str]:
+    if seal.load_key(os.environ) is None:
+        return "warn", (f"none: results cannot be verified (set {seal.KEY_ENV} or copy the "
+                        f"runner's {seal.DEFAULT_KEY_FILE})")
+    return "ok", "present (results are verified against it)"
 
 
 def _doctor_policy(repo: Path, prefix: str, suffix: str) -> tuple[str, str]:

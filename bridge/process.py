@@ -1,32 +1,32 @@
-"""Run one preset command: argv list, no shell, a scrubbed environment, and a timeout that kills
-the whole process group (a plain kill of the child leaves its grandchildren running)."""
+"""Run one preset command through the supervisor (`bridge.supervise`): argv list, no shell, a
+scrubbed environment, a timeout, and no process of it left alive afterwards."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import signal
 import subprocess
-import time
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from bridge.sandbox import Sandbox
+from bridge.supervise import Job, Outcome
+
 # Passed through from the runner; everything else (tokens, GIT_*, BASH_ENV, PYTHON*, DYLD_*,
-# LD_PRELOAD, ...) is dropped.
+# LD_PRELOAD, the bridge key, ...) is dropped.
 PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
                "HF_HOME", "XDG_CACHE_HOME", "KAKEYA_CACHE_DIR")
+TRUSTED_ROOT = Path(__file__).resolve().parent.parent  # where `-m bridge.supervise` is imported
 
 
-@dataclass(frozen=True)
-class Finished:
-    exit_code: int | None  # negative: killed by that signal
-    timed_out: bool
-    duration_s: float
+def child_env(environ: Mapping[str, str], checkout: Path, tmp: Path,
+              sandbox: Sandbox | None = None, home: Path | None = None) -> dict[str, str]:
+    """Only what the command needs; the request commit's code is found through PYTHONPATH.
 
-
-def child_env(environ: Mapping[str, str], checkout: Path, tmp: Path) -> dict[str, str]:
-    """Only what the command needs; the request commit's code is found through PYTHONPATH."""
+    As a sandbox user the command gets its own HOME and names, and git may read the checkout
+    the runner wrote for it (safe.directory; the engine records the checkout's commit)."""
     env = {k: environ[k] for k in PASSTHROUGH if k in environ}
     env.update(
         PYTHONPATH=str(checkout),
@@ -36,34 +36,26 @@ def child_env(environ: Mapping[str, str], checkout: Path, tmp: Path) -> dict[str
         TRANSFORMERS_OFFLINE="1",
         TMPDIR=str(tmp),
     )
+    if sandbox is not None and home is not None:
+        env.update(HOME=str(home), USER=sandbox.name, LOGNAME=sandbox.name,
+                   GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory",
+                   GIT_CONFIG_VALUE_0=str(checkout))
     return env
 
 
-def run(argv: list[str], cwd: Path, env: Mapping[str, str], stdout: Path, stderr: Path,
-        timeout_s: float, kill_grace_s: float) -> Finished:
-    start = time.monotonic()
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True)
-    timed_out = False
+def run(job: Job) -> Outcome:
+    """Start the supervisor in its own session with no credential in its environment, hand it
+    the job, and keep its stdin open as the lifeline until it reports."""
+    env = {"PATH": os.environ.get("PATH", os.defpath)}
+    with subprocess.Popen([sys.executable, "-m", "bridge.supervise"], cwd=TRUSTED_ROOT, env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          start_new_session=True) as sup:
+        assert sup.stdin is not None and sup.stdout is not None
+        sup.stdin.write(json.dumps(asdict(job)).encode() + b"\n")
+        sup.stdin.flush()
+        report = sup.stdout.read()
+        sup.wait()
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=kill_grace_s)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-    finally:
-        # The child was the group leader (new session): anything it left behind dies with it.
-        _signal_group(proc.pid, signal.SIGKILL)
-        if proc.returncode is None:
-            proc.wait()
-    return Finished(proc.returncode, timed_out, round(time.monotonic() - start, 3))
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
-        os.killpg(pgid, sig)
+        return Outcome(**json.loads(report.splitlines()[-1]))
+    except (IndexError, ValueError, TypeError):
+        raise RuntimeError(f"the supervisor failed (exit {sup.returncode})") from None

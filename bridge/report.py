@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,10 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text("utf-8"))
+
+
 def new_summary(request_id: str, preset: str, runner: str, executor_sha: str | None,
                 host: Mapping[str, Any]) -> dict[str, Any]:
     """A summary with every field present; the executor fills in what it learns."""
@@ -39,13 +41,13 @@ def new_summary(request_id: str, preset: str, runner: str, executor_sha: str | N
 
 
 def finalize(run_dir: Path, summary: dict[str, Any], secrets: Mapping[str, str]) -> set[Path]:
-    """Tidy logs and artifacts, hash them, write summary.json + README.md.
+    """Redact the logs, hash every file, write summary.json + README.md.
 
-    Returns the files too large to commit (they stay on disk for the workflow's artifact upload).
+    `run_dir` holds only what the executor put there (copies made by `bridge.collect`). Returns
+    the files too large to commit (they stay on disk for the workflow's artifact upload).
     """
     for log in sorted((run_dir / "logs").glob("*.log")):
-        _tidy_log(log, secrets)
-    omitted = {**summary["omitted"], **_drop_unsafe(run_dir / "artifacts")}
+        _redact(log, secrets)
     too_large = set()
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(run_dir).as_posix()
@@ -54,8 +56,8 @@ def finalize(run_dir: Path, summary: dict[str, Any], secrets: Mapping[str, str])
         summary["artifacts"][rel] = _sha256(path)
         if path.stat().st_size > MAX_COMMITTED_BYTES:
             too_large.add(path)
-            omitted[rel] = f"larger than {MAX_COMMITTED_BYTES} bytes: workflow artifact only"
-    summary["omitted"] = omitted
+            summary["omitted"][rel] = (f"larger than {MAX_COMMITTED_BYTES} bytes: "
+                                       "workflow artifact only")
     if errors := schema_errors("summary.v1", summary):
         raise ValueError(f"summary does not match its schema: {errors}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
@@ -63,43 +65,13 @@ def finalize(run_dir: Path, summary: dict[str, Any], secrets: Mapping[str, str])
     return too_large
 
 
-def _tidy_log(path: Path, secrets: Mapping[str, str]) -> None:
-    """Keep the last MAX_LOG_BYTES and replace each resolved placeholder value by its name."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        f.seek(max(0, size - MAX_LOG_BYTES))
-        data = f.read()
-    if size > MAX_LOG_BYTES:
-        data = f"[... {size - MAX_LOG_BYTES} earlier bytes dropped ...]\n".encode() + data
+def _redact(path: Path, secrets: Mapping[str, str]) -> None:
+    """Replace each resolved placeholder value by its name."""
+    data = path.read_bytes()
     for name, value in secrets.items():
         if value and value != "default":
             data = data.replace(value.encode(), f"${{ENV:{name}}}".encode())
     path.write_bytes(data)
-
-
-def _drop_unsafe(artifacts: Path) -> dict[str, str]:
-    """Delete links and special files the command left: a symlink or hard link to a secret would
-    otherwise be published (and followed by the artifact upload). Returns what went, and why."""
-    omitted: dict[str, str] = {}
-    if not artifacts.is_dir():
-        return omitted
-    for root, dirs, files in os.walk(artifacts):
-        for name in [*dirs, *files]:
-            path = Path(root) / name
-            info = path.lstat()
-            why = None
-            if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-                why = "control character in its name"
-            elif stat.S_ISLNK(info.st_mode):
-                why = "symbolic link"
-            elif stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
-                why = "hard link"
-            elif not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                why = "not a regular file"
-            if why:
-                path.unlink()
-                omitted[path.relative_to(artifacts.parent).as_posix()] = f"{why}: removed"
-    return omitted
 
 
 def _sha256(path: Path) -> str:

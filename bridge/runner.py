@@ -1,7 +1,8 @@
 """`kakeya_mac serve`: a runner for any git remote, no GitHub needed.
 
 Each poll is one executor pass (the code the workflow runs), so serve and the workflow can share one
-remote: create-only claim refs decide which of them runs each request.
+remote: claims decide which of them runs each request. No fault ends the loop: a pass that fails
+is reported and the next poll starts afresh (the ledger keeps what is owed).
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ import sys
 import time
 
 from bridge.executor import Config, drain
-from bridge.gitbus import GitError
+from mlx_engine.errors import UserError
 
 
 def serve(cfg: Config, once: bool, poll_s: float) -> int:
     while True:
         try:
             drain(cfg)
-        except GitError as exc:
+        except Exception as exc:  # any fault: the runner must keep serving
             if once:
-                raise
-            print(f"poll failed, retrying in {poll_s}s: {exc}", file=sys.stderr)
+                raise UserError(f"runner pass failed: {exc}") from None
+            print(f"poll failed, retrying in {poll_s}s: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
         if once:
             return 0
         time.sleep(poll_s)

@@ -39,3 +39,16 @@ def unsafe_reason(value: str) -> str | None:
     if ".." in re.split(r"[/\\]", norm):
         return "path traversal ('..') is not allowed"
     return None
+
+
+PROTECTED = ("bridge", "presets", ".github")
+# Code points HFS+ ignores in names (git's list for .git look-alikes): `bri\u200cdge` is `bridge`.
+_IGNORED_BY_HFS = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
+
+
+def protected(path: str) -> bool:
+    """Whether a changed path lies in the trusted dirs as a Mac's disk would see it: compared
+    case-insensitively, after NFKC normalisation and without HFS+-ignored code points."""
+    first = path.split("/", 1)[0]
+    folded = unicodedata.normalize("NFKC", _IGNORED_BY_HFS.sub("", first)).casefold()
+    return folded in PROTECTED

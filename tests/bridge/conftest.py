@@ -4,61 +4,24 @@ presets run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+from bridgetest import survivors
 
-from bridge import cli, executor, gitbus
+from bridge import cli, client, executor, gitbus
+from bridge.presets import load_presets
 
 ROOT = Path(__file__).resolve().parents[2]
-
-FAKE_ENGINE = {
-    "__init__.py": '"""Stand-in engine for bridge tests: fast, no model."""\n',
-    "marker.py": '''
-        """Record that it ran (in $HOME/executions.log) and write evidence."""
-        import argparse, json, os, pathlib
-
-        p = argparse.ArgumentParser()
-        for flag in ("--out", "--id", "--note", "--lossless", "--count", "--ratio", "--level"):
-            p.add_argument(flag)
-        p.add_argument("--flag", action="store_true")
-        a = p.parse_args()
-        with open(os.path.join(os.environ["HOME"], "executions.log"), "a") as f:
-            f.write(a.id + "\\n")
-        evidence = {"aggregate": {"lossless_all": a.lossless == "true", "note": a.note,
-                                  "count": int(a.count)},
-                    "argv_flag": a.flag, "env": sorted(os.environ), "cwd": os.getcwd()}
-        pathlib.Path(a.out, "evidence.json").write_text(json.dumps(evidence))
-        if a.note == "leak":  # try to publish a runner secret through links in the output dir
-            secret = os.path.join(os.environ["HOME"], "secret.txt")
-            os.symlink(secret, os.path.join(a.out, "soft.txt"))
-            os.link(secret, os.path.join(a.out, "hard.txt"))
-        print("marker ran", a.id)
-    ''',
-    "runaway.py": '''
-        """Spawn descendants that ignore SIGTERM, record their pids, and never finish."""
-        import signal, subprocess, sys, time
-
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        pids = sys.argv[sys.argv.index("--pids") + 1]
-        if "--kid" in sys.argv:
-            grandkid = subprocess.Popen(["sleep", "600"])
-            with open(pids, "a") as f:
-                f.write(f"{grandkid.pid}\\n")
-        else:
-            for _ in range(2):
-                kid = subprocess.Popen([sys.executable, "-m", "fakeengine.runaway", "--kid",
-                                        "--pids", pids])
-                with open(pids, "a") as f:
-                    f.write(f"{kid.pid}\\n")
-        time.sleep(600)
-    ''',
-}
 
 TEST_PRESETS = {
     "test-marker.yaml": """
@@ -88,6 +51,18 @@ TEST_PRESETS = {
         timeout_s: 3
         outputs: [{path: pids.txt}]
     """,
+    "test-attack.yaml": """
+        name: test-attack
+        description: Test preset whose code attacks the runner (a request's code runs by design).
+        argv: [python, -m, fakeengine.attack, --out, "{out}", --attack, "{attack}",
+               --victim, "{victim}", --done, "{done}"]
+        params:
+          attack: {type: enum, values: [environ, reach, limits, daemons, hang, log-links, fifo,
+                                        names, deep, many, hardlink]}
+          victim: {type: str, pattern: "[a-zA-Z0-9-]*", max_len: 96, default: ""}
+          done: {type: str, pattern: "[a-zA-Z0-9-]*", max_len: 96, default: ""}
+        timeout_s: 60
+    """,
 }
 
 
@@ -100,6 +75,7 @@ IDENTITY = {
     "GIT_AUTHOR_NAME": "Agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
     "GIT_COMMITTER_NAME": "Agent", "GIT_COMMITTER_EMAIL": "agent@example.com",
 }
+BRIDGE_KEY = {"KAKEYA_BRIDGE_KEY": "test-bridge-key-shared-by-runners-and-clients"}
 
 
 @pytest.fixture(autouse=True)
@@ -109,9 +85,18 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     for var in [v for v in os.environ if v.startswith(("KAKEYA_", "GIT_"))]:
         monkeypatch.delenv(var)
-    for key, value in {**IDENTITY, "HOME": str(home), "PYTHONPATH": str(ROOT)}.items():
+    for key, value in {**IDENTITY, **BRIDGE_KEY, "HOME": str(home),
+                       "PYTHONPATH": str(ROOT)}.items():
         monkeypatch.setenv(key, value)
     return home
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    """After every test, nothing this test started is still running."""
+    yield
+    left = survivors([p.pid for p in psutil.Process().children(recursive=True)])
+    assert left == [], f"processes left running: {left}"
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +112,8 @@ def seeded_origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (seed / "mlx_engine").mkdir()
     (seed / "mlx_engine" / "__init__.py").write_text('"""engine stub for bridge tests"""\n')
     shutil.copy(ROOT / "mlx_engine" / "errors.py", seed / "mlx_engine")
-    (seed / "fakeengine").mkdir()
-    for name, source in FAKE_ENGINE.items():
-        (seed / "fakeengine" / name).write_text(textwrap.dedent(source).lstrip())
+    shutil.copytree(Path(__file__).with_name("fakeengine"), seed / "fakeengine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (seed / "README.md").write_text("seed\n")
     for args in (["init", "-q", "--bare", "-b", "main", str(origin)],
                  ["init", "-q", "-b", "main", str(seed)],
@@ -185,11 +169,22 @@ class Bus:
         out, err = capsys.readouterr()
         return code, out, err
 
-    def spawn(self, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    def spawn(self, *args: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """`kakeya_mac ARGS` as its own process (for runs that must overlap)."""
         return subprocess.Popen(
             [sys.executable, "-m", "bridge.cli", *args, *self._presets_flag(args)],
-            cwd=cwd or self.agent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            cwd=cwd or self.agent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env)
+
+    def serve(self, runner_id: str, *args: str, work: str | None = None,
+              env: dict[str, str] | None = None, **settings: object) -> subprocess.Popen[str]:
+        """`kakeya_mac serve` for this bus as its own process, in work-<work or runner_id>;
+        settings as in `config`."""
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+        return self.spawn("serve", "--remote", str(self.origin), "--runner-id", runner_id,
+                          "--work", str(self.tmp / f"work-{work or runner_id}"),
+                          "--kill-grace-s", "0.5", *flags, *args, env=env)
 
     def _presets_flag(self, args: tuple[str, ...]) -> list[str]:
         takes = {"run", "presets", "validate", "doctor", "local", "serve"}
@@ -203,6 +198,15 @@ class Bus:
     def result_file(self, request_id: str, path: str) -> bytes:
         return gitbus.git_bytes(self.origin, "cat-file", "blob",
                                 f"refs/heads/{gitbus.RESULT_PREFIX}{request_id}:{path}")
+
+    def submit(self, preset: str = "test-marker", *params: str) -> tuple[str, str]:
+        """Push a request as `kakeya_mac run` does; (request id, request commit)."""
+        request_id, _, sha = client.submit(self.agent, load_presets(self.presets_dir), preset,
+                                           list(params), "origin", "mac-bridge/", "")
+        return request_id, sha
+
+    def summary(self, request_id: str) -> dict:
+        return json.loads(self.result_file(request_id, "summary.json"))
 
     def push_manifests(self, manifests: dict[str, bytes]) -> None:
         """Push hand-made requests (any bytes as the manifest) in one push, as a client would."""
@@ -231,3 +235,40 @@ def kakeya(presets_dir: Path, capsys: pytest.CaptureFixture[str]):
         return code, out, err
 
     return call
+
+
+SANDBOX_UID = 64_000
+
+
+def _runnable_by(python: str, uid: int) -> bool:
+    try:
+        return subprocess.run([python, "-c", ""], user=uid, group=uid, extra_groups=[],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def sandboxed() -> Iterator[Callable[[int], dict]]:
+    """Runner settings that run presets as an unprivileged uid (no account needed as root):
+    `sandboxed(n)` for uid 64000+n, a scratch directory that uid can reach, and an interpreter it
+    can run (this one, unless it lives under a private home such as /root)."""
+    if os.geteuid() != 0:
+        pytest.skip("switching presets to another uid needs a root runner here; a non-root "
+                    "runner goes through sudo, which setup_mac.sh configures on the Mac")
+    python = next((p for p in (sys.executable, "/usr/bin/python3") if _runnable_by(p, SANDBOX_UID)),
+                  None)
+    if python is None:
+        pytest.skip("no Python interpreter here is runnable by an unprivileged uid")
+    scratch = Path(tempfile.mkdtemp(prefix="kakeya-sandbox-", dir="/tmp"))
+    scratch.chmod(0o711)
+
+    def settings(n: int = 0) -> dict:
+        return {"sandbox_user": str(SANDBOX_UID + n), "scratch": scratch / str(n),
+                "preset_python": python}
+
+    yield settings
+    sandboxed_left = [p.pid for p in psutil.process_iter(["uids"])
+                      if SANDBOX_UID <= p.info["uids"].real < SANDBOX_UID + 10]
+    assert survivors(sandboxed_left) == [], "processes of a sandbox user left running"
+    subprocess.run(["/bin/rm", "-rf", str(scratch)], check=False)

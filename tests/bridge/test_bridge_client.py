@@ -106,5 +106,6 @@ def test_presets_and_doctor(bus, capsys):
     code, out, _ = bus.kakeya("doctor", capsys=capsys)
     assert code == 0, out
     assert "[ok] remote:" in out and "0 pending" in out and "[ok] presets:" in out
+    assert "[ok] bridge key: present" in out
     code, out, _ = bus.kakeya("doctor", "--remote", str(bus.tmp / "nowhere.git"), capsys=capsys)
     assert code == 1 and "[FAIL] remote:" in out

@@ -104,12 +104,19 @@ def test_executor_rejects_every_malicious_request_and_runs_nothing(bus):
     assert bus.executions == []
 
 
-@pytest.mark.parametrize("path", ["bridge/executor.py", "presets/bridge-selftest.yaml",
-                                  ".github/workflows/mac-bridge.yaml"])
+@pytest.mark.parametrize("path", [
+    "bridge/executor.py", "presets/bridge-selftest.yaml", ".github/workflows/mac-bridge.yaml",
+    # A Mac's disk folds case (and HFS+ drops some code points): these are the same dirs there.
+    "Bridge/executor.py", ".GitHub/workflows/run.yaml", "PRESETS/evil.yaml",
+    "bri\u200cdge/executor.py", "\uff42ridge/executor.py", "BRIDGE",
+])
 def test_overlay_request_is_refused(bus, capsys, path):
     target = bus.agent / path
-    target.write_text(target.read_text() + "\n# overlay: run my own executor\n")
-    gitbus.git(bus.agent, "commit", "-q", "-am", "overlay")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.read_text() if target.is_file() else ""
+    target.write_text(old + "\n# overlay: run my own executor\n")
+    gitbus.git(bus.agent, "add", "-A")
+    gitbus.git(bus.agent, "commit", "-q", "-m", "overlay")
     code, out, _ = bus.kakeya("run", "test-marker", capsys=capsys)
     assert code == 0
     request_id = out.strip()
@@ -117,7 +124,8 @@ def test_overlay_request_is_refused(bus, capsys, path):
     summary = json.loads(bus.result_file(request_id, "summary.json"))
     assert summary["status"] == "rejected"
     assert summary["gate"]["reasons"] == [
-        f"the request changes protected paths (bridge/, presets/, .github/): {path}"]
+        "the request changes protected paths (bridge/, presets/, .github/, in any letter case): "
+        f"{path}"]
     assert bus.executions == []
 
 

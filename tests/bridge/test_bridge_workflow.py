@@ -84,6 +84,12 @@ def test_setup_mac_dry_run_prints_every_action_and_changes_nothing(hermetic, tmp
                    f"ln -sfn {model} {hermetic}/kakeya-models/verifier",
                    "./config.sh --unattended --url https://github.com/o/r --token *** "
                    "--labels kakeya-mac-m4", "./svc.sh start", "kakeya_mac doctor",
+                   f"write a random bridge key to {hermetic}/.config/kakeya-mac/bridge.key",
+                   "sudo dscl . -create /Users/kakeya-sandbox UserShell /usr/bin/false",
+                   "NOPASSWD: ALL\" to /etc/sudoers.d/kakeya-sandbox",
+                   "chmod 0711 /Users/Shared/kakeya-mac",
+                   "set KAKEYA_SANDBOX_USER=kakeya-sandbox in",
+                   "sudo -n -u kakeya-sandbox " + str(venv) + "/bin/python -c",
                    "kakeya_mac local bridge-selftest", "dry run: nothing was changed"):
         assert action in out, action
     assert "AAAA-registration-secret" not in out + done.stderr
