@@ -2,7 +2,12 @@
 
 import os
 
+from . import blas
+
 __version__ = "0.1.0"
+
+# Before anything imports MLX: its CPU matmuls bind to the first `cblas_sgemm` they find.
+blas.preload()
 
 # Greedy speculative decoding is exact only if a verify block (a GEMM over B rows) computes
 # each row's logits as the AR step (a GEMV over one row) does. MLX may run float32 GEMMs, not

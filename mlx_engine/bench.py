@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from . import blas, evidence, workloads
-from .adaptive import AdaptiveWidth, calibrate
 from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
 from .sources import DEFAULT
 from .speculative import DecodeStats
+from .stopping import StopStrings
 
 ARMS = ("ar", "fused", "mlx_lm")
 LABELS = {"ar": "our AR", "fused": "fused DFlash", "mlx_lm": "mlx-lm AR"}
@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(workloads.NAMES)}, or a .jsonl file of prompts")
     p.add_argument("--n", type=int, default=None, help="first N prompts (default: all)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--block-size", default=None,
-                   help="verified block length 2..drafter's, or 'auto' (default: drafter's)")
+    p.add_argument("--block-size", default="auto",
+                   help="verify every block at this width, 2..drafter's, or 'auto': chosen "
+                        "each round from measured cost and acceptance (default)")
     p.add_argument("--model", default=DEFAULT,
                    help="mlx-lm model dir or HF id (default: offline Gemma 3 270M, dense; "
                         "default-quantized: the same in its GGUF quantization)")
@@ -64,39 +65,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _requested_width(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
+def _requested_width(value: str) -> int | None:
+    """None for the adaptive policy, else the fixed width."""
+    if value == "auto":
+        return None
     try:
         return int(value)
     except ValueError:
         raise UserError(f"--block-size must be an integer or 'auto', not {value!r}") from None
 
 
-def mlx_lm_run(engine: Engine, prompt: list[int], max_tokens: int,
-               ignore_eos: bool) -> tuple[RunResult, dict[str, float]]:
+def mlx_lm_run(engine: Engine, prompt: list[int], opts: RunOptions,
+               ) -> tuple[RunResult, dict[str, float]]:
     """mlx-lm's own greedy `stream_generate`, timed with the same clocks as our arms.
 
     mlx-lm has no ignore-EOS flag; a copy of the tokenizer with no EOS ids gives it the same
-    stop rule as ours (a logits processor masking EOS would change the tokens instead).
+    stop rule as ours (a logits processor masking EOS would change the tokens instead). Stop
+    strings end it as they end ours (`StopStrings`, token by token).
     """
     from mlx_lm import stream_generate
 
     tokenizer = engine.tokenizer
-    if ignore_eos:
+    if opts.ignore_eos:
         tokenizer = copy.copy(tokenizer)
         tokenizer.eos_token_ids = []
+    stop = StopStrings(engine.tokenizer, opts.stop)
     stats = DecodeStats(prompt_tokens=len(prompt))
     tokens: list[int] = []
     start = first = now = time.perf_counter()
     last = None
-    for last in stream_generate(engine.verifier.model, tokenizer, prompt, max_tokens=max_tokens):
+    for last in stream_generate(engine.verifier.model, tokenizer, prompt,
+                                max_tokens=opts.max_tokens):
         now = time.perf_counter()
         tokens.append(int(last.token))
         if len(tokens) == 1:
             stats.prefill_s, first = now - start, now
+        if stop.end(tokens, 1) is not None:
+            stats.finish_reason = "stop"
+            break
     stats.decode_s, stats.new_tokens = now - first, len(tokens)
-    stats.finish_reason = last.finish_reason or "length"
+    if stats.finish_reason != "stop":
+        stats.finish_reason = last.finish_reason or "length"
     return RunResult(tokens, stats), {"generation_tps": last.generation_tps,
                                       "prompt_tps": last.prompt_tps}
 
@@ -104,41 +113,33 @@ def mlx_lm_run(engine: Engine, prompt: list[int], max_tokens: int,
 class Bench:
     """One loaded engine, its options and the per-prompt runs."""
 
-    def __init__(self, engine: Engine, args: argparse.Namespace, width: int):
-        self.engine, self.args, self.width = engine, args, width
-        self.policy: AdaptiveWidth | None = None
+    def __init__(self, engine: Engine, args: argparse.Namespace, fixed: int | None):
+        self.engine, self.args = engine, args
+        self.width = engine.block_size(fixed)  # the widest block either way
         self.arms = [a for a in ARMS if a != "mlx_lm" or not args.no_mlx_lm]
-        self.base = RunOptions(max_tokens=args.max_tokens, block_size=width, graph=args.graph)
+        self.base = RunOptions(max_tokens=args.max_tokens, block_size=fixed, graph=args.graph)
 
     def warmup(self) -> None:
-        self.engine.warmup(RunOptions(block_size=self.width, graph=self.args.graph))
+        self.engine.warmup(self.base)
         if "mlx_lm" in self.arms:
-            mlx_lm_run(self.engine, WARMUP_PROMPT, 8, ignore_eos=True)
-
-    def adapt(self, prompt: list[int]) -> dict[int, float]:
-        """Switch the fused arm to `--block-size auto`, calibrated on `prompt`'s cache."""
-        cost = calibrate(self.engine, prompt, self.width)
-        self.policy = AdaptiveWidth(cost)
-        self.base = replace(self.base, block_size=self.policy)
-        return cost
+            mlx_lm_run(self.engine, WARMUP_PROMPT, RunOptions(max_tokens=8, ignore_eos=True))
 
     def sample(self, index: int, prompt: workloads.Prompt, ids: list[int]) -> dict[str, Any]:
-        opts = replace(self.base, ignore_eos=prompt.ignore_eos or self.args.ignore_eos)
+        opts = replace(self.base, ignore_eos=prompt.ignore_eos or self.args.ignore_eos,
+                       stop=tuple(prompt.stop or ()))
         runs: dict[str, RunResult] = {}
         extra: dict[str, float] = {}
-        widths: list[int] = []
         shift = index % len(self.arms)
         for arm in self.arms[shift:] + self.arms[:shift]:
             if arm == "mlx_lm":
-                runs[arm], extra = mlx_lm_run(self.engine, ids, opts.max_tokens, opts.ignore_eos)
+                runs[arm], extra = mlx_lm_run(self.engine, ids, opts)
             else:
-                before = len(self.policy.chosen) if self.policy else 0
                 runs[arm] = self.engine.run(arm, ids, opts)
-                if arm == "fused" and self.policy:
-                    widths = self.policy.chosen[before:]
         profiled = None
-        if not self.args.no_profile:
-            profiled = self.engine.run("fused", ids, replace(opts, profile=True))
+        if not self.args.no_profile:  # its extra sync per block must not teach the policy
+            policy = self.engine.policy(opts.block_size, learn=False)
+            profiled = self.engine.run("fused", ids, replace(opts, profile=True,
+                                                             block_size=policy))
 
         ar, fused = runs["ar"], runs["fused"]
         record = evidence.sample_record(prompt.id, len(ids), self.width, ar, fused)
@@ -153,8 +154,6 @@ class Bench:
                                 "matches_ar": runs["mlx_lm"].tokens == ar.tokens,
                                 "first_divergence": evidence.first_divergence(
                                     ar.tokens, runs["mlx_lm"].tokens)}
-        if self.policy:
-            record["fused"]["width_hist"] = evidence.histogram(widths, self.width + 1)
         if profiled is not None:
             s = profiled.stats
             record["fused"]["profile"] = {"blocks": s.blocks, "decode_tok_s": s.decode_tok_s,
@@ -275,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.openblas:
         blas.reexec_with_openblas(__spec__.name, argv)
     _check(args)
-    requested = _requested_width(args.block_size)
+    fixed = _requested_width(args.block_size)
     prompts = workloads.load(args.workload)[: args.n]
     engine = Engine.load(args.model, args.draft, args.dtype)
-    width = engine.block_size(None if requested == "auto" else requested)
-    ids = [engine.encode(p.text, args.chat_template) for p in prompts]
+    bench = Bench(engine, args, fixed)
+    ids = [engine.encode(p.messages if p.messages and engine.has_chat_template else p.text,
+                         args.chat_template) for p in prompts]
 
     blas_info = blas.detect()  # after every input check: bad input prints one line only
     print(f"blas: {blas_info.describe()}", file=sys.stderr)
@@ -289,13 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                               for k, v in vars(args).items()}
     params["timing"] = ("per prompt: arms back to back, order rotated; decode_tok_s excludes "
                         "the first token; time_split_s from the main fused run (extend inside "
-                        "draft), fused.profile from a separate profiled run")
+                        "draft), fused.profile from a separate profiled run; warm-up (and the "
+                        "width policy's round-cost calibration in it) before any timed run, "
+                        "charged to no arm")
 
-    bench = Bench(engine, args, width)
     bench.warmup()
-    if requested == "auto":
-        cost = bench.adapt(ids[0])
-        params["auto_block_cost_s"] = {str(w): c for w, c in cost.items()}
+    if fixed is None:
+        params["round_cost_s"] = {str(w): c for w, c in engine.round_costs.measured.items()}
 
     samples: list[dict[str, Any]] = []
     bar = _progress(list(zip(prompts, ids, strict=True)), args.workload)
@@ -307,9 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         lossless=all(s["lossless"] for s in samples))
 
     command = shlex.join(["python", "-m", __spec__.name, *argv])
-    record = evidence.build_record(engine, params, samples, width, command=command)
+    record = evidence.build_record(engine, params, samples, bench.width, command=command)
     record["workload"] = args.workload
-    record["device"]["blas"] = blas_info.describe()
     record["aggregate"].update(bench_aggregate(samples))
     print(summary(record), file=sys.stderr)
     if args.json is not None:

@@ -3,7 +3,7 @@
 A block `[anchor, MASK x (B-1)]` is drafted in one forward. Each layer attends over the
 verifier's projected context rows (cached once per committed token, never rolled back) and
 the block itself (never cached). Embedding and output head are the target's: a plain lookup
-times `input_embedding_scale` (the torch semantics; see ../shared/reference/dflash.md).
+times `input_embedding_scale` (the torch reference's semantics, not Gemma's sqrt(H) scale).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +13,22 @@ import mlx.core as mx
 from .drafter import DFlashDrafter, load_drafter
 from .drafter_config import check_compatible
 from .errors import UserError
+from .policy import (
+    AdaptiveWidth,
+    FixedWidth,
+    RoundCosts,
+    WidthPolicy,
+    WidthScript,
+    calibration_widths,
+)
 from .proposer import DFlashDraftSource, DraftHead, load_draft_vocab
 from .sampling import SamplingParams
 from .sources import DEFAULT, DEFAULT_QUANTIZED, dir_sha256, resolve_drafter, resolve_model
-from .speculative import BlockSize, DecodeStats, GraphMode, ar_stream, fused_stream
+from .speculative import DecodeStats, GraphMode, ar_stream, fused_stream
+from .stopping import StopStrings
 from .verifier import Verifier
 
+WARMUP_PROMPT = list(range(3, 35))
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -39,15 +51,29 @@ class RunOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     ignore_eos: bool = False
-    block_size: BlockSize | None = None  # None: the drafter's; a callable: per block
+    # None: adaptive (AdaptiveWidth, up to the drafter's block); N: every block N rows; or a
+    # policy object of your own
+    block_size: int | WidthPolicy | None = None
     graph: GraphMode = "two-phase"
     profile: bool = False
+    stop: tuple[str, ...] = ()  # stop strings (the text up to the first ends the run)
 
 
 @dataclass
 class RunResult:
     tokens: list[int]
     stats: DecodeStats
+
+
+def _laps(stream: Iterator[list[int]]) -> list[float]:
+    """Seconds between a loop's consecutive yields after the first (the prefill's)."""
+    next(stream)
+    laps, last = [], time.perf_counter()
+    for _ in stream:
+        now = time.perf_counter()
+        laps.append(now - last)
+        last = now
+    return laps
 
 
 def _load_verifier(spec: str, dtype: str | None) -> tuple[Verifier, object, ModelInfo]:
@@ -79,6 +105,7 @@ class Engine:
                  draft_vocab: mx.array | None = None):
         self.verifier, self.tokenizer, self.model_info = verifier, tokenizer, model_info
         self.drafter, self.drafter_info = drafter, drafter_info
+        self.round_costs: RoundCosts | None = None  # measured by `calibrate` (warm-up)
         self.draft_head = None
         if drafter is not None:
             cfg = drafter.config
@@ -103,16 +130,24 @@ class Engine:
         return cls(verifier, tokenizer, info, drafter, drafter_info, vocab)
 
     # --- text ----------------------------------------------------------------------------
-    def encode(self, prompt: str, chat_template: bool | None = None) -> list[int]:
-        """Tokens for `prompt`; the chat template is used when the tokenizer has one."""
+    @property
+    def has_chat_template(self) -> bool:
+        return getattr(self.tokenizer, "chat_template", None) is not None
+
+    def encode(self, prompt: str | list[dict[str, str]],
+               chat_template: bool | None = None) -> list[int]:
+        """Tokens for a text prompt (wrapped as a user turn when the tokenizer has a chat
+        template, unless told otherwise) or for a conversation (always templated)."""
+        if isinstance(prompt, list):
+            if not self.has_chat_template:
+                raise UserError("a conversation needs a tokenizer with a chat template")
+            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
         if not prompt.strip():
             raise UserError("the prompt is empty")
-        has_template = getattr(self.tokenizer, "chat_template", None) is not None
-        if chat_template and not has_template:
+        if chat_template and not self.has_chat_template:
             raise UserError("--chat-template given but this tokenizer has no chat template")
-        if has_template if chat_template is None else chat_template:
-            messages = [{"role": "user", "content": prompt}]
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if self.has_chat_template if chat_template is None else chat_template:
+            return self.encode([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(prompt))
 
     def stop_ids(self, ignore_eos: bool) -> frozenset[int]:
@@ -128,6 +163,16 @@ class Engine:
             raise UserError(f"--block-size must be between 2 and the drafter's {limit}, not {size}")
         return size
 
+    def policy(self, block_size: int | WidthPolicy | None, learn: bool = True) -> WidthPolicy:
+        """The width policy a fused run follows. An adaptive one calibrates on first use and
+        keeps what its run measures for the next (unless `learn` is off: a profiled run)."""
+        if block_size is None:
+            costs = self.round_costs or self.calibrate()
+            return AdaptiveWidth(costs if learn else copy.deepcopy(costs), self.block_size(None))
+        if isinstance(block_size, int):
+            return FixedWidth(self.block_size(block_size))
+        return block_size
+
     def stream(self, mode: str, prompt: list[int], opts: RunOptions,
                stats: DecodeStats) -> Iterator[list[int]]:
         common = dict(params=opts.sampling, stop_ids=self.stop_ids(opts.ignore_eos),
@@ -135,25 +180,50 @@ class Engine:
         if mode == "ar":
             return ar_stream(self.verifier, prompt, opts.max_tokens, **common)
         source = DFlashDraftSource(self.drafter, self.verifier, self.draft_head)
-        size = opts.block_size if callable(opts.block_size) else self.block_size(opts.block_size)
-        return fused_stream(self.verifier, source, prompt, opts.max_tokens, size, graph=opts.graph,
+        return fused_stream(self.verifier, source, prompt, opts.max_tokens,
+                            self.policy(opts.block_size), graph=opts.graph,
                             profile=opts.profile, **common)
 
     def run(self, mode: str, prompt: list[int], opts: RunOptions,
             on_tokens: Callable[[list[int]], None] | None = None) -> RunResult:
         stats = DecodeStats()
         tokens: list[int] = []
+        stop = StopStrings(self.tokenizer, opts.stop)
         for chunk in self.stream(mode, prompt, opts, stats):
             tokens.extend(chunk)
+            if (end := stop.end(tokens, len(chunk))) is not None:
+                chunk = chunk[: len(chunk) - (len(tokens) - end)]
+                del tokens[end:]
+                stats.new_tokens, stats.finish_reason = end, "stop"
             if on_tokens is not None:
                 on_tokens(chunk)
+            if end is not None:
+                break
         return RunResult(tokens, stats)
 
+    def calibrate(self, graph: GraphMode = "two-phase") -> RoundCosts:
+        """Time rounds on this device for the adaptive policy: AR steps by the oracle loop's
+        own pipelined laps, drafting widths 2, 4, ... B three times each. Warms both up."""
+        rounds = [(1, lap) for lap in _laps(self.stream(
+            "ar", WARMUP_PROMPT, RunOptions(max_tokens=10, ignore_eos=True), DecodeStats()))]
+        widths = calibration_widths(self.block_size(None))
+        script = WidthScript([w for w in widths for _ in range(3)])
+        opts = RunOptions(max_tokens=sum(script.plan) + 2, ignore_eos=True, block_size=script,
+                          graph=graph)
+        for _ in self.stream("fused", WARMUP_PROMPT, opts, DecodeStats()):
+            if script.done:
+                break
+        self.round_costs = RoundCosts.from_rounds(rounds[1:] + script.rounds)
+        return self.round_costs
+
     def warmup(self, opts: RunOptions) -> None:
-        """Compile kernels and size buffers once so the timed runs compare steady states."""
-        short = RunOptions(max_tokens=8, block_size=opts.block_size, graph=opts.graph,
-                           ignore_eos=True)
-        prompt = list(range(3, 35))
-        self.run("ar", prompt, short)
-        if self.drafter is not None:
-            self.run("fused", prompt, short)
+        """Compile kernels and size buffers once so the timed runs compare steady states; with
+        a drafter this is also when the adaptive policy's round costs are measured."""
+        if self.drafter is None:
+            self.run("ar", WARMUP_PROMPT, RunOptions(max_tokens=8, ignore_eos=True))
+        else:
+            self.calibrate(opts.graph)
+            if isinstance(opts.block_size, int):
+                self.run("fused", WARMUP_PROMPT, RunOptions(
+                    max_tokens=2 * opts.block_size, block_size=opts.block_size,
+                    graph=opts.graph, ignore_eos=True))

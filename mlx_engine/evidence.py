@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import __version__
+from . import __version__, blas
 from .engine import Engine, RunResult
 from .host import chip
 from .speculative import DecodeStats
@@ -78,7 +78,7 @@ def device_info() -> dict[str, Any]:
         "chip": chip(),
         "mlx_version": mx.__version__,
         "backend": backend(),
-        "blas": os.environ.get("LD_PRELOAD") or None,
+        "blas": blas.detect().describe(),
         "mlx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")},
     }
 
@@ -139,6 +139,8 @@ def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
             **timing(fused),
             "mean_accept_len": s.mean_accept_len,
             "accept_hist": histogram(s.accepted, block_size or 1),
+            "width_hist": histogram(s.widths, (block_size or 1) + 1),
+            "ar_steps": s.ar_steps,
             "blocks": s.blocks,
             "syncs_per_block": s.syncs_per_block,
             "time_split_s": time_split(s),

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import evidence
+from . import blas, evidence
 from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
 from .sampling import SamplingParams
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--block-size", type=int, default=None,
-                   help="verified block length (default: the drafter's)")
+                   help="verify every block at this width, 2..drafter's (default: adaptive, "
+                        "chosen each round from measured cost and acceptance, AR steps "
+                        "where speculation does not pay)")
     p.add_argument("--mode", choices=["fused", "ar", "both"], default="fused")
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -73,12 +75,17 @@ def _options(args: argparse.Namespace) -> RunOptions:
                       profile=args.profile)
 
 
-def _report(mode: str, prompt_len: int, result: RunResult) -> str:
+def _report(mode: str, prompt_len: int, result: RunResult, engine: Engine) -> str:
     s = result.stats
     line = (f"[{mode}] prompt {prompt_len} tok, prefill {prompt_len / max(s.prefill_s, 1e-9):.1f}"
             f" tok/s | decode {len(result.tokens)} tok, {s.decode_tok_s:.2f} tok/s")
     if mode == "fused":
-        line += f" | mean accept len {s.mean_accept_len:.2f} | syncs/block {s.syncs_per_block:.2f}"
+        line += f" | {s.blocks} blocks, tau {s.mean_accept_len:.2f}"
+        if s.blocks and engine.round_costs is not None:
+            width = round(sum(s.widths) / s.blocks)
+            line += (f", mean width {width} = {engine.round_costs.in_ar_steps(width):.2f} "
+                     "AR steps")
+        line += f" | {s.ar_steps} AR steps | syncs/block {s.syncs_per_block:.2f}"
     return line
 
 
@@ -91,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model, None if args.mode == "ar" else args.draft, args.dtype)
     prompt = engine.encode(text, args.chat_template)
     block_size = None if args.mode == "ar" else engine.block_size(args.block_size)
+    blas_info = blas.detect()
+    if (warning := blas.warning(blas_info)) is not None:
+        print(warning, file=sys.stderr)
     if not args.no_warmup:
         engine.warmup(opts)
 
@@ -112,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         results["ar"] = engine.run("ar", prompt, opts)
 
     for mode, result in results.items():
-        print(_report(mode, len(prompt), result), file=sys.stderr)
+        print(_report(mode, len(prompt), result, engine), file=sys.stderr)
     if args.mode == "both":
         ar, fused = results["ar"], results["fused"]
         speedup = fused.stats.decode_tok_s / max(ar.stats.decode_tok_s, 1e-9)
         same = ar.tokens == fused.tokens
-        print(f"speedup vs AR {speedup:.2f}x | lossless {'yes' if same else 'NO'}",
-              file=sys.stderr)
+        print(f"speedup vs AR {speedup:.2f}x | lossless {'yes' if same else 'NO'} | "
+              f"blas: {blas_info.describe()}", file=sys.stderr)
     if args.verbose:
         print(f"verifier {engine.model_info.path} ({engine.model_info.dtype})", file=sys.stderr)
     if args.json is not None:

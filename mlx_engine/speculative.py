@@ -3,16 +3,17 @@
 Fused, per block: draft B-1 tokens in one drafter forward -> verify [anchor, drafts] in one
 target forward that also yields the drafter's context taps -> accept in-graph -> read back
 once -> trim the rejected rows -> queue the drafter context extension. In `two-phase` graph
-mode the drafter graph is materialised before the verifier graph is built (seed 004 saw
-143 s Metal evals when both ran as one graph): 2 host syncs per block. `single` only queues
-the drafts, so the device drafts while the host builds the verify: 1 sync per block.
+mode the drafter graph is materialised before the verifier graph is built (one graph for
+both has made Metal evaluation pathologically slow): 2 host syncs per block. `single` only
+queues the drafts, so the device drafts while the host builds the verify: 1 sync per block.
+A round of width 1 is a plain AR step (`_ar_segment`): the width policy's fallback.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
+from .policy import WidthPolicy
 from .proposer import DraftSource
 from .sampling import SamplingParams, greedy_accept, pick, probs, rejection_accept
 from .verifier import Verifier
@@ -35,8 +37,10 @@ class DecodeStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     host_syncs: int = 0
-    blocks: int = 0
+    blocks: int = 0  # drafted rounds (host_syncs counts theirs)
     accepted: list[int] = field(default_factory=list)  # drafts accepted per block
+    widths: list[int] = field(default_factory=list)  # verified rows per block
+    ar_steps: int = 0  # rounds the width policy spent on plain AR steps (one sync each)
     draft_s: float = 0.0
     verify_s: float = 0.0
     extend_s: float | None = None
@@ -63,11 +67,6 @@ class DecodeStats:
         return self.new_tokens / total if total > 0 else 0.0
 
 
-# A fixed verified width, or a policy asked before every block (any width 2..B is exact:
-# each block is verified on its own).
-BlockSize = int | Callable[[DecodeStats], int]
-
-
 def _keys(seed: int | None) -> Iterator[mx.array]:
     key = mx.random.key(0 if seed is None else seed)
     while True:
@@ -80,13 +79,19 @@ def _stop_index(tokens: list[int], stop_ids: frozenset[int]) -> int | None:
 
 
 class _Emitter:
-    """Applies max-tokens and stop tokens to what a loop produces; owns the stats."""
+    """Applies max-tokens and stop tokens to what a loop produces; owns the stats. Decode
+    time runs from the first token (which prefill produces) to the latest."""
 
     def __init__(self, stats: DecodeStats, max_tokens: int, stop_ids: frozenset[int]):
         self.stats, self.max_tokens, self.stop_ids = stats, max_tokens, stop_ids
         self.done = False
+        self.decode_start: float | None = None
 
     def take(self, tokens: list[int]) -> list[int]:
+        if self.decode_start is None:
+            self.decode_start = time.perf_counter()
+        else:
+            self.stats.decode_s = time.perf_counter() - self.decode_start
         tokens = tokens[: self.max_tokens - self.stats.new_tokens]
         stop = _stop_index(tokens, self.stop_ids)
         if stop is not None:
@@ -153,9 +158,7 @@ def ar_stream(
     keys = _keys(seed)
     cache, first = _prefill(verifier, prompt, None, params, next(keys), stats)
     emit = _Emitter(stats, max_tokens, stop_ids)
-    out = emit.take([first])
-    decode_start = time.perf_counter()
-    yield out
+    yield emit.take([first])
 
     def step(token: mx.array) -> mx.array:
         logits = verifier.forward(token.reshape(1, 1), cache, with_taps=False).logits
@@ -168,9 +171,57 @@ def ar_stream(
         next_y = step(y)  # queued behind y, so the device never idles on the host
         mx.async_eval(next_y)
         stats.host_syncs += 1
-        out = emit.take([y.item()])
-        stats.decode_s = time.perf_counter() - decode_start
-        yield out
+        yield emit.take([y.item()])
+
+
+class _RoundClock:
+    """Seconds between consecutive round ends: what a round costs in steady state, the
+    consumer's time included (as it is for the AR loop)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def _ar_segment(
+    verifier: Verifier,
+    source: DraftSource,
+    cache: list[KVCache],
+    anchor: int,
+    policy: WidthPolicy,
+    params: SamplingParams,
+    keys: Iterator[mx.array],
+    emit: _Emitter,
+    clock: _RoundClock,
+) -> Generator[list[int], None, tuple[int, int]]:
+    """Plain AR steps inside the fused loop, pipelined like `ar_stream` (the next step is
+    queued before this one is read), for as long as the policy asks for width 1. Each step's
+    taps extend the drafter's context, so drafting can resume at any token. Returns the
+    width the policy chose next and the new anchor."""
+
+    def step(token: mx.array) -> mx.array:
+        block = verifier.forward(token.reshape(1, 1), cache)
+        source.extend(block.taps)
+        return pick(block.logits[0, -1], params, next(keys))
+
+    y = step(mx.array(anchor, dtype=mx.int32))
+    mx.async_eval(y, *source.pending())
+    while True:
+        width = policy.next_width()
+        if width == 1:
+            next_y = step(y)
+            mx.async_eval(next_y, *source.pending())
+        token = y.item()
+        emit.stats.ar_steps += 1
+        policy.record(1, 0, clock.lap())
+        yield emit.take([token])
+        if emit.done or width != 1:
+            return width, token
+        y = next_y
 
 
 @_on_generation_stream
@@ -179,7 +230,7 @@ def fused_stream(
     source: DraftSource,
     prompt: list[int],
     max_tokens: int,
-    block_size: BlockSize,
+    policy: WidthPolicy,
     params: SamplingParams = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
     seed: int | None = None,
@@ -187,20 +238,27 @@ def fused_stream(
     profile: bool = False,
     stats: DecodeStats | None = None,
 ) -> Iterator[list[int]]:
-    """Speculative decoding with a block drafter; token-identical to `ar_stream` when greedy."""
+    """Speculative decoding with a block drafter; token-identical to `ar_stream` when greedy.
+
+    `policy` sets each round's width: 2..B verifies a drafted block, 1 takes plain AR steps.
+    """
     stats = stats if stats is not None else DecodeStats()
     keys = _keys(seed)
     cache, first = _prefill(verifier, prompt, source, params, next(keys), stats)
     emit = _Emitter(stats, max_tokens, stop_ids)
-    out = emit.take([first])
-    decode_start = time.perf_counter()
-    yield out
+    yield emit.take([first])
     anchor = first
     if profile:
         stats.extend_s = 0.0
+    clock = _RoundClock()
+    width = policy.next_width()
     while not emit.done:
+        if width == 1:
+            segment = _ar_segment(verifier, source, cache, anchor, policy, params, keys, emit,
+                                  clock)
+            width, anchor = yield from segment
+            continue
         t0 = time.perf_counter()
-        width = block_size(stats) if callable(block_size) else block_size
         anchor_arr = mx.array([anchor], dtype=mx.int32)
         drafts, draft_p = source.propose(anchor_arr, width, params, next(keys))
         draft_out = [drafts, *([] if draft_p is None else [draft_p])]
@@ -235,12 +293,13 @@ def fused_stream(
         stats.verify_s += t2 - t1
         stats.blocks += 1
         stats.accepted.append(n_acc)
+        stats.widths.append(width)
+        policy.record(width, n_acc, clock.lap())
 
         tokens = values[1 : n_acc + 2]
         anchor = tokens[-1]
-        out = emit.take(tokens)
-        stats.decode_s = time.perf_counter() - decode_start
-        yield out
+        yield emit.take(tokens)
+        width = policy.next_width()
 
 
 def collect(stream: Iterator[list[int]]) -> list[int]:

@@ -5,7 +5,7 @@ drafter taps, so the drafter's context needs no second pass. The prompt cache is
 `KVCache` on every layer: mlx-lm's models keep building sliding-window masks from the cache
 offset, so attention is exactly what the native `RotatingKVCache` layout computes, while
 rolling back rejected draft rows is an O(1) `trim` on every layer (a wrapped ring cannot be
-trimmed; see ../shared/reference/mlx-lm.md).
+trimmed: once it has wrapped, its rows are no longer in position order).
 """
 
 from __future__ import annotations

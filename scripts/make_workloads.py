@@ -5,6 +5,14 @@ drafter training, so the bench never measures a drafter on its own training text
 
 - code: a file's text up to the start of a function body (after the `def` line and its
   docstring), 200-1500 chars, one function per file.
+- code-natural: the same cut at a top-level function, stopped as code-completion clients stop
+  a base model, at the end of the function (HumanEval's stop strings): a natural stop.
+- short: a line of code cut after its first `= `, `return ` or `(`, stopped at the end of the
+  line (inline completion): short answers.
+- prose: the first part of a long docstring (English text, no code), cut at a sentence end.
+- chat: "Write a Python function `name` that <its docstring's first line>" as a user turn
+  (`messages`; `text` renders it in Gemma 3's turn format, which the offline verifier's
+  tokenizer has tokens for but no template: it is a base model, and answers loosely).
 - natural: file tails cut at or just before the `if __name__ == "__main__":` guard; kept only
   if the offline verifier's greedy output (no chat template: a base model) ends with EOS
   within NATURAL_CAP tokens. Gemma 3 270M rarely ends a document otherwise.
@@ -19,17 +27,30 @@ drafter training, so the bench never measures a drafter on its own training text
 from __future__ import annotations
 
 import argparse
+import ast
 import random
+import re
 import sys
 from pathlib import Path
 
 from mlx_engine import workloads
-from mlx_engine.training.data import function_body_starts, held_out_files, stdlib_root
+from mlx_engine.training.data import (
+    DEF_LINE,
+    function_body_starts,
+    held_out_files,
+    stdlib_root,
+)
 from mlx_engine.workloads import Prompt
 
 SEED = 20250501
 CODE_N, CODE_CHARS = 40, (200, 1500)
 NATURAL_N, NATURAL_CAP, NATURAL_CHARS = 24, 40, 900
+CODE_NATURAL_N = 24
+HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+SHORT_N, SHORT_CUTS = 24, ("= ", "return ", "(")
+PROSE_N, PROSE_CHARS = 24, (250, 700)
+CHAT_N = 24
+GEMMA_TURNS = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 NIAH_TOKENS, NIAH_DEPTHS = (1100, 1600, 2100, 2600), (0.1, 0.3, 0.5, 0.7, 0.9)
 NIAH_QUESTION = '\n\n# The secret key set above, checked:\nassert SECRET_KEY == "'
 WORDS = ["amber", "falcon", "cobalt", "delta", "ember", "fjord", "granite", "harbor", "indigo",
@@ -85,6 +106,53 @@ def natural_candidates(files: list[Path]) -> list[Prompt]:
     return out
 
 
+def code_natural_prompts(files: list[Path], taken: set[str]) -> list[Prompt]:
+    """A top-level function per file, cut where its body starts, with HumanEval's stops."""
+    prompts = []
+    for path in files:
+        lines = _lines(path)
+        cuts = [c for c in function_body_starts(lines)
+                if f"{_relpath(path)}:{c + 1}" not in taken and _top_level_def(lines, c)]
+        if cuts:
+            text = _tail("".join(lines[: cuts[0]]), CODE_CHARS[1])
+            prompts.append(Prompt(f"code-natural-{len(prompts):02d}", text,
+                                  f"{_relpath(path)}:{cuts[0] + 1}", stop=HUMANEVAL_STOPS))
+        if len(prompts) == CODE_NATURAL_N:
+            break
+    return prompts
+
+
+def _top_level_def(lines: list[str], body_start: int) -> bool:
+    """The function whose body starts at `body_start` is defined at column 0."""
+    head = next(m for line in reversed(lines[:body_start]) if (m := DEF_LINE.match(line)))
+    return head.group(1) == ""
+
+
+def _short_spot(line: str) -> int | None:
+    """Where to cut a line of code for an inline completion: after its first cut mark."""
+    code = line.strip()
+    if not 40 <= len(code) <= 100 or code.startswith(("#", '"', "'")):
+        return None
+    return next((line.index(c) + len(c) for c in SHORT_CUTS if c in line), None)
+
+
+def short_prompts(files: list[Path], rng: random.Random) -> list[Prompt]:
+    """A line of code per file, cut after its first `= `, `return ` or `(`; stop at its end."""
+    prompts = []
+    for path in files:
+        lines = _lines(path)
+        spots = [(i, col) for i, line in enumerate(lines)
+                 if (col := _short_spot(line)) is not None]
+        if spots:
+            i, col = rng.choice(spots)
+            text = _tail("".join(lines[:i]), NATURAL_CHARS) + lines[i][:col]
+            prompts.append(Prompt(f"short-{len(prompts):02d}", text, f"{_relpath(path)}:{i + 1}",
+                                  stop=["\n"]))
+        if len(prompts) == SHORT_N:
+            break
+    return prompts
+
+
 def natural_prompts(candidates: list[Prompt]) -> list[Prompt]:
     """Candidates whose greedy output from the offline verifier ends with EOS."""
     from tqdm import tqdm
@@ -103,6 +171,57 @@ def natural_prompts(candidates: list[Prompt]) -> list[Prompt]:
             if len(kept) == NATURAL_N:
                 break
     return kept
+
+
+def _docstrings(path: Path) -> list[tuple[str, str, str]]:
+    """(kind, name, docstring) of a file's module, classes and functions, in file order."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+    except SyntaxError:
+        return []
+    nodes = [tree, *(n for n in ast.walk(tree)
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    kinds = {ast.Module: "module", ast.ClassDef: "class"}
+    return [(kinds.get(type(n), "function"), getattr(n, "name", ""), doc) for n in nodes
+            if (doc := ast.get_docstring(n)) is not None]
+
+
+def prose_prompts(files: list[Path]) -> list[Prompt]:
+    """The first sentences of the longest docstring of each file, as plain text."""
+    prompts = []
+    for path in files:
+        docs = [d for _, _, d in _docstrings(path) if len(d) >= 2 * PROSE_CHARS[0]]
+        if not docs:
+            continue
+        doc = max(docs, key=len)
+        ends = [m.end() for m in re.finditer(r"[.:]\s", doc)
+                if PROSE_CHARS[0] <= m.end() <= PROSE_CHARS[1]]
+        if ends and not re.search(r"^\s*(>>>|\$|[-=]{3,})", doc[: ends[-1]], re.M):
+            prompts.append(Prompt(f"prose-{len(prompts):02d}", doc[: ends[-1]].rstrip(),
+                                  f"{_relpath(path)}:docstring"))
+        if len(prompts) == PROSE_N:
+            break
+    return prompts
+
+
+def chat_prompts(files: list[Path]) -> list[Prompt]:
+    """A request per file built from a public function's or class's docstring summary."""
+    prompts = []
+    for path in files:
+        for kind, name, doc in _docstrings(path):
+            summary = doc.strip().splitlines()[0].strip()
+            if (kind == "module" or name.startswith(("_", "test", "setUp", "tearDown"))
+                    or "Test" in name
+                    or not 20 <= len(summary) <= 120 or not summary.endswith(".")):
+                continue
+            request = f"Write a Python {kind} `{name}`. {summary}"
+            messages = [{"role": "user", "content": request}]
+            prompts.append(Prompt(f"chat-{len(prompts):02d}", GEMMA_TURNS.format(request),
+                                  f"{_relpath(path)}:{name}", messages=messages))
+            break
+        if len(prompts) == CHAT_N:
+            break
+    return prompts
 
 
 def niah_prompts(files: list[Path], rng: random.Random, n: int = 12) -> list[Prompt]:
@@ -161,6 +280,17 @@ def main() -> int:
                                     random.Random(SEED))
     if "niah" in only:
         made["niah"] = niah_prompts(files, random.Random(SEED + 1))
+    if "code-natural" in only:
+        taken = {p.source for p in workloads.load("code")}
+        made["code-natural"] = code_natural_prompts(
+            random.Random(SEED + 5).sample(files, len(files)), taken)
+    if "short" in only:
+        made["short"] = short_prompts(random.Random(SEED + 2).sample(files, len(files)),
+                                      random.Random(SEED + 2))
+    if "prose" in only:
+        made["prose"] = prose_prompts(random.Random(SEED + 3).sample(files, len(files)))
+    if "chat" in only:
+        made["chat"] = chat_prompts(random.Random(SEED + 4).sample(files, len(files)))
     if "natural" in only or "overgen" in only:
         natural = natural_prompts(natural_candidates(files))
         made["natural"] = natural

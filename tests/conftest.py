@@ -1,10 +1,12 @@
-"""Fixtures shared by the torch test modules."""
+"""Fixtures shared by the torch test modules; MLX's BLAS set up as the CLIs have it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+
+import mlx_engine  # noqa: F401  (before any test imports mlx: MLX binds its BLAS on load)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from tiny import TARGET_CONFIGS, drafter_config, prompt_tokens, save_model_dir, save_random_drafter
 
-from mlx_engine import blas, evidence, workloads
-from mlx_engine.adaptive import AdaptiveWidth, WidthCycle, calibrate
+from mlx_engine import evidence, workloads
 from mlx_engine.bench import main
 from mlx_engine.engine import Engine, RunOptions
+from mlx_engine.policy import FixedWidth
 from mlx_engine.training.data import is_held_out
 
 BLOCK = 8
@@ -102,70 +101,62 @@ def test_engine_defaults_mlx_settings_unless_told(monkeypatch, name):
     assert os.environ[name] == "1"
 
 
-def test_auto_block_size_is_lossless(pair, tmp_path):
-    record = _bench(pair, tmp_path, "--workload", "code", "--block-size", "auto",
-                    "--ignore-eos", "--no-mlx-lm", "--no-profile")
+def test_default_adaptive_and_fixed_widths_are_lossless(pair, tmp_path):
+    record = _bench(pair, tmp_path, "--workload", "code", "--ignore-eos", "--no-mlx-lm",
+                    "--no-profile")
     assert record["aggregate"]["lossless_all"] is True
-    assert set(record["params"]["auto_block_cost_s"]) == {str(w) for w in range(2, BLOCK + 1)}
+    assert set(record["params"]["round_cost_s"]) == {"1", "2", "4", "8"}
     for s in record["samples"]:
         assert s["mlx_lm"] is None and "profile" not in s["fused"]
         assert sum(s["fused"]["width_hist"]) == s["fused"]["blocks"]
+        assert s["fused"]["ar_steps"] >= 0
+    fixed = _bench(pair, tmp_path, "--workload", "code", "--block-size", "4", "--no-mlx-lm")
+    assert fixed["aggregate"]["lossless_all"] is True and "round_cost_s" not in fixed["params"]
+    for s in fixed["samples"]:
+        assert s["fused"]["ar_steps"] == 0 and s["fused"]["width_hist"][4] == s["fused"]["blocks"]
+
+
+class RandomWidths(FixedWidth):
+    """Any width 1..B in any order (1: an AR step inside the fused loop)."""
+
+    def __init__(self, max_width: int, seed: int = 0):
+        super().__init__(max_width)
+        self.rng, self.widths = random.Random(seed), []
+
+    def next_width(self) -> int:
+        self.widths.append(self.rng.randint(1, self.max_width))
+        return self.widths[-1]
 
 
 def test_any_width_sequence_equals_ar(pair):
-    """The per-block width hook: random widths 2..B, past the sliding window, stay exact."""
+    """The per-round width hook: random widths 1..B, past the sliding window, stay exact."""
     engine = Engine.load(str(pair[0]), str(pair[1]))
     prompt = prompt_tokens(40, seed=3)
-    rng = random.Random(0)
-    widths: list[int] = []
-
-    def policy(stats) -> int:
-        widths.append(rng.randint(2, BLOCK))
-        return widths[-1]
-
-    opts = RunOptions(max_tokens=48, ignore_eos=True)
-    ar = engine.run("ar", prompt, opts).tokens
-    assert engine.run("fused", prompt, RunOptions(48, ignore_eos=True, block_size=policy)).tokens \
-        == ar
-    assert len(set(widths)) > 3
-    cost = calibrate(engine, prompt, BLOCK)
-    assert sorted(cost) == list(range(2, BLOCK + 1)) and all(c > 0 for c in cost.values())
+    policy = RandomWidths(BLOCK)
+    ar = engine.run("ar", prompt, RunOptions(max_tokens=48, ignore_eos=True)).tokens
+    fused = engine.run("fused", prompt, RunOptions(48, ignore_eos=True, block_size=policy))
+    assert fused.tokens == ar
+    assert len(set(policy.widths)) > 3 and fused.stats.ar_steps > 0
+    costs = engine.calibrate()
+    assert costs.widths == [1, 2, 4, 8] and all(c > 0 for c in costs.measured.values())
 
 
-def test_adaptive_width_follows_cost_and_acceptance():
-    linear = {w: float(w) for w in range(2, 17)}
-    low = AdaptiveWidth(linear)
-    for _ in range(20):
-        low.observe(16, 0)
-    assert low.best() == 2
-    flat = AdaptiveWidth({w: 1.0 for w in range(2, 17)})
-    for _ in range(20):
-        flat.observe(16, 15)
-    assert flat.best() == 16
-    # a fixed cost per block plus a little per row (CPU + OpenBLAS); 3 drafts accepted per
-    # block: verifying the 4th draft's row is still worth it, later ones are not
-    mid = AdaptiveWidth({w: 1 + 0.1 * w for w in range(2, 17)})
-    for _ in range(50):
-        mid.observe(16, 3)
-    assert mid.best() == 4
+def test_stop_strings_end_every_arm_at_the_same_token(pair):
+    """A stop string spanning tokens ends AR, fused and mlx-lm at the token completing it."""
+    from mlx_engine.bench import mlx_lm_run
 
-
-def test_calibrated_cost_caps_load_spikes():
-    cycle = WidthCycle([2, 3, 4], repeats=2)
-    cycle.times = {2: [1.0, 1.2], 3: [5.0, 6.0], 4: [2.0, 2.5]}  # width 3 hit by other load
-    assert cycle.done and cycle.cost() == {2: 1.0, 3: 2.0, 4: 2.0}
-
-
-def test_blas_detection_is_sensible(monkeypatch):
-    info = blas.detect()
-    assert info.kind in {"openblas", "mkl", "blis", "accelerate", "reference", "unknown", "gpu"}
-    if info.kind != "gpu":
-        assert info.gflops > 0 and "GFLOP/s" in info.describe()
-    assert (blas.warning(info) is not None) == (info.kind == "reference")
-    reference = blas.BlasInfo("reference", 2.5, None)
-    assert "LD_PRELOAD=" in blas.warning(reference) or "apt-get" in blas.warning(reference)
-    monkeypatch.setenv("LD_PRELOAD", "/opt/x/libopenblas.so.0")
-    assert blas._preloaded_blas() == "/opt/x/libopenblas.so.0"
+    engine = Engine.load(str(pair[0]), str(pair[1]))
+    prompt = prompt_tokens(40, seed=9)
+    free = engine.run("ar", prompt, RunOptions(max_tokens=40, ignore_eos=True)).tokens
+    stop = engine.tokenizer.decode(free[20:22])  # two words: it spans a token boundary
+    first = next(n for n in range(1, 41) if stop in engine.tokenizer.decode(free[:n]))
+    opts = RunOptions(max_tokens=40, ignore_eos=True, stop=(stop,))
+    runs = [engine.run("ar", prompt, opts), engine.run("fused", prompt, opts),
+            engine.run("fused", prompt, replace(opts, block_size=2)),
+            mlx_lm_run(engine, prompt, opts)[0]]
+    for run in runs:
+        assert run.tokens == free[:first] and run.stats.finish_reason == "stop"
+        assert run.stats.new_tokens == first
 
 
 def test_code_workload_is_held_out_real_code():
@@ -222,12 +213,3 @@ def test_bad_workload_record_and_missing_drafter(pair, tmp_path, capsys):
     assert main(["--model", str(pair[0]), "--draft", str(tmp_path / "nope"),
                  "--workload", "code"]) == 2
     assert "drafter" in capsys.readouterr().err
-
-
-def test_openblas_flag_reexecs_or_explains():
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    proc = subprocess.run([sys.executable, "-m", "mlx_engine.bench", "--openblas",
-                           "--workload", "bogus"], capture_output=True, text=True, env=env,
-                          timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")

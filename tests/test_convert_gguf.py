@@ -22,6 +22,7 @@ from tiny import drafter_config, save_random_drafter
 from mlx_engine import convert_gguf as cg
 from mlx_engine.engine import Engine
 from mlx_engine.errors import UserError
+from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource
 from mlx_engine.speculative import ar_stream, collect, fused_stream
 
@@ -305,7 +306,7 @@ def test_kept_quantization_decodes_losslessly(kept: Path, tmp_path: Path) -> Non
     prompt = [2, *range(300, 340)]  # 41 tokens: five sliding windows
     source = DFlashDraftSource(engine.drafter, engine.verifier, engine.draft_head)
     ar = collect(ar_stream(engine.verifier, prompt, 48))
-    assert collect(fused_stream(engine.verifier, source, prompt, 48, 8)) == ar
+    assert collect(fused_stream(engine.verifier, source, prompt, 48, FixedWidth(8))) == ar
 
 
 def test_keep_quantization_cli(cache: dict, capsys: pytest.CaptureFixture) -> None:

@@ -16,6 +16,7 @@ from tiny import drafter_config, make_target, prompt_tokens, save_model_dir, sav
 from mlx_engine.drafter import DRAFT_VOCAB_FILE, load_drafter
 from mlx_engine.engine import Engine, RunOptions
 from mlx_engine.errors import UserError
+from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource
 from mlx_engine.sampling import SamplingParams
 from mlx_engine.sources import resolve_drafter, resolve_model
@@ -35,7 +36,8 @@ def test_quantized_target_is_lossless(family, tmp_path):
     verifier.set_taps(drafter.config.target_layer_ids)
     prompt = prompt_tokens(48, seed=21)
     ar = collect(ar_stream(verifier, prompt, 64))
-    fused = collect(fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, 64, 8))
+    fused = collect(fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, 64,
+                                 FixedWidth(8)))
     assert fused == ar
 
 

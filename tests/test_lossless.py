@@ -17,6 +17,7 @@ from tiny import (
 )
 
 from mlx_engine.drafter import load_drafter
+from mlx_engine.policy import AdaptiveWidth, FixedWidth, RoundCosts
 from mlx_engine.proposer import DFlashDraftSource
 from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
@@ -48,7 +49,7 @@ def test_fused_equals_ar(pair, block_size):
     stats = DecodeStats()
     fused = collect(
         fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS,
-                     block_size, stats=stats)
+                     FixedWidth(block_size), stats=stats)
     )
     assert fused == _ar(verifier, prompt)
     assert len(fused) == NEW_TOKENS and len(set(fused)) > 5  # a real, non-constant sequence
@@ -62,8 +63,8 @@ def test_single_graph_mode_is_lossless_with_one_sync(pair, monkeypatch):
     real_async_eval, queued = mx.async_eval, []
     monkeypatch.setattr(mx, "async_eval", lambda *a: (queued.append(a), real_async_eval(*a)))
     fused = collect(
-        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS, 8,
-                     graph="single", stats=stats)
+        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS,
+                     FixedWidth(8), graph="single", stats=stats)
     )
     monkeypatch.undo()
     assert fused == _ar(verifier, prompt)
@@ -89,8 +90,8 @@ def test_stop_token_ends_both_loops_at_the_same_place(pair):
     first = reference.index(stop)
     stats = DecodeStats()
     fused = collect(
-        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS, 4,
-                     stop_ids=frozenset([stop]), stats=stats)
+        fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt, NEW_TOKENS,
+                     FixedWidth(4), stop_ids=frozenset([stop]), stats=stats)
     )
     assert fused == reference[: first + 1] == _ar(verifier, prompt, stop_ids=frozenset([stop]))
     assert stats.finish_reason == "stop"
@@ -120,7 +121,8 @@ def test_every_acceptance_count_commits_exactly(pair, block_size):
         stats = DecodeStats()
         source = ForcedSource(drafter, verifier, len(prompt), reference, correct)
         fused = collect(
-            fused_stream(verifier, source, prompt, NEW_TOKENS, block_size, stats=stats)
+            fused_stream(verifier, source, prompt, NEW_TOKENS, FixedWidth(block_size),
+                         stats=stats)
         )
         assert fused == reference[:NEW_TOKENS], f"accepting {correct} drafts broke exactness"
         assert set(stats.accepted) == {correct}
@@ -159,3 +161,45 @@ def test_drafter_round_trip_through_disk(tmp_path: Path):
                               lambda h: h @ emb.T)
     assert logits_a.shape == (1, 3, VOCAB)
     assert mx.array_equal(logits_a, logits_b)
+
+
+class PhasedSource(ForcedSource):
+    """Wrong drafts for the first `switch` generated tokens, then the true continuation: the
+    text turns from one the drafter does not know into one it does."""
+
+    def __init__(self, drafter, verifier, prompt_len: int, reference: list[int], switch: int):
+        super().__init__(drafter, verifier, prompt_len, reference, correct=0)
+        self.switch = switch
+        self.proposals: list[tuple[int, int]] = []  # (generated index of the anchor, width)
+
+    def propose(self, anchor, block_size, params, key):
+        g = self.context_len - self.prompt_len
+        self.proposals.append((g, block_size))
+        self.correct = 0 if g < self.switch else block_size
+        return super().propose(anchor, block_size, params, key)
+
+
+class FrozenCosts(RoundCosts):
+    """Round costs of a CPU-like device that ignore the tiny models' real timings."""
+
+    def observe(self, width: int, seconds: float) -> None:
+        pass
+
+
+def test_adaptive_policy_falls_back_to_ar_and_climbs_back_losslessly(pair):
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=17)
+    switch, n = 40, 112
+    reference = _ar(verifier, prompt, n + 16)
+    source = PhasedSource(drafter, verifier, len(prompt), reference, switch)
+    costs = FrozenCosts({1: 1.0, 2: 1.2, 4: 1.3, 8: 1.5, 16: 1.8})
+    stats = DecodeStats()
+    fused = collect(fused_stream(verifier, source, prompt, n, AdaptiveWidth(costs, 16),
+                                 stats=stats))
+    assert fused == reference[:n]
+    before = [w for g, w in source.proposals if g < switch]
+    after = [w for g, w in source.proposals if g >= switch]
+    assert stats.ar_steps >= 20, "wrong drafts must send the policy to plain AR steps"
+    assert len(before) <= 8, "and it must not keep probing at every AR step"
+    assert after and after[-1] == 16, "right drafts must win the full width back"
+    assert stats.accepted[-1] == 15

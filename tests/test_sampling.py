@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 from tiny import drafter_config, make_target, save_random_drafter
 
 from mlx_engine.drafter import load_drafter
+from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource, DraftHead
 from mlx_engine.sampling import SamplingParams, probs
 from mlx_engine.speculative import collect, fused_stream
@@ -53,7 +54,8 @@ def _exact_joint(verifier: Verifier) -> dict[tuple[int, int, int], float]:
 
 def _fused(verifier, drafter, seed: int, n: int = 3, head: DraftHead | None = None) -> list[int]:
     source = DFlashDraftSource(drafter, verifier, head)
-    return collect(fused_stream(verifier, source, PROMPT, n, 4, params=PARAMS, seed=seed))
+    return collect(fused_stream(verifier, source, PROMPT, n, FixedWidth(4), params=PARAMS,
+                                  seed=seed))
 
 
 def _pooled_chisquare(counts: Counter, expected: dict, total: int) -> float:

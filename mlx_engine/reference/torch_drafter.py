@@ -1,6 +1,6 @@
 """The DFlash block drafter in torch, in the z-lab checkpoint format (reference + training).
 
-Same semantics as `mlx_engine/drafter.py` (see ../shared/reference/dflash.md): the target's
+Same semantics as `mlx_engine/drafter.py` (z-lab `dflash` 0.1.0's): the target's
 tapped hidden states are projected once per context row (`hidden_norm(fc(taps))`) and only
 ever enter attention as keys/values; a block `[anchor, MASK x (B-1)]` is embedded by a plain
 lookup in the target's embedding matrix, and block position i predicts the token at

