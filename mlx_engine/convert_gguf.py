@@ -187,7 +187,7 @@ def _convert(gguf_path: Path, out_dir: Path, dtype: str, progress: bool, replace
     tmp.mkdir()  # not mkdtemp: its mode 0700 would stick to the renamed result
     try:
         gguf_sha256 = _sha256(gguf_path)
-        say("reading metadata (the 262k-token vocabulary is slow to parse)")
+        say("reading metadata")
         reader = open_gguf(gguf_path)
         config = gguf_config(reader, dtype)
         say("building the tokenizer")
@@ -250,11 +250,12 @@ def _check_dtype(dtype: str) -> None:
 
 
 def open_gguf(gguf_path: Path) -> Any:
-    """llama.cpp's reader: memory-maps the file, so tensors are only read when dequantized."""
-    from gguf import GGUFReader
+    """llama.cpp's reader (metadata arrays parsed in bulk): memory-maps the file, so tensors are
+    only read when dequantized."""
+    from mlx_engine.gguf_reader import BulkGGUFReader
 
     try:
-        return GGUFReader(gguf_path)
+        return BulkGGUFReader(gguf_path)
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read {gguf_path} as GGUF: {exc}") from exc
 

@@ -14,6 +14,7 @@ from .drafter import DFlashDrafter, load_drafter
 from .drafter_config import check_compatible
 from .errors import UserError
 from .policy import (
+    Acceptance,
     AdaptiveWidth,
     FixedWidth,
     RoundCosts,
@@ -107,6 +108,7 @@ class Engine:
         self.drafter, self.drafter_info = drafter, drafter_info
         self.round_costs: RoundCosts | None = None  # measured by `calibrate` (warm-up)
         self.draft_head = None
+        self.acceptance = None if drafter is None else Acceptance(drafter.config.block_size)
         if drafter is not None:
             cfg = drafter.config
             check_compatible(cfg, verifier.hidden_size, verifier.vocab_size, verifier.num_layers)
@@ -167,8 +169,9 @@ class Engine:
         """The width policy a fused run follows. An adaptive one calibrates on first use and
         keeps what its run measures for the next (unless `learn` is off: a profiled run)."""
         if block_size is None:
-            costs = self.round_costs or self.calibrate()
-            return AdaptiveWidth(costs if learn else copy.deepcopy(costs), self.block_size(None))
+            learned = (self.round_costs or self.calibrate(), self.acceptance)
+            costs, acceptance = learned if learn else copy.deepcopy(learned)
+            return AdaptiveWidth(costs, self.block_size(None), acceptance)
         if isinstance(block_size, int):
             return FixedWidth(self.block_size(block_size))
         return block_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from . import blas, evidence
@@ -95,14 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     evidence.code_version()  # the code as it is now, before the run
     text = read_prompt(args)
     opts = _options(args)
+    start = time.perf_counter()
     engine = Engine.load(args.model, None if args.mode == "ar" else args.draft, args.dtype)
     prompt = engine.encode(text, args.chat_template)
     block_size = None if args.mode == "ar" else engine.block_size(args.block_size)
+    # start-up is most of a short run: say where it went (after the input checks, so bad
+    # input stays one `error:` line)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     blas_info = blas.detect()
     if (warning := blas.warning(blas_info)) is not None:
         print(warning, file=sys.stderr)
     if not args.no_warmup:
+        start = time.perf_counter()
         engine.warmup(opts)
+        print(f"warmed up{' and timed rounds for the width policy' if block_size else ''} in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     detok = engine.tokenizer.detokenizer
     detok.reset()

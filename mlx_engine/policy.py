@@ -10,7 +10,9 @@ text, a device where a verify row is dear).
 
 c(w) starts from rounds timed during warm-up on this device (`Engine.calibrate`) and follows
 the rounds' measured times; p_j is estimated per draft position from exponentially decayed
-counts. AR steps observe no drafts, so after falling back the policy probes one block every
+counts, and a new sequence starts from what earlier ones on the same engine saw (faded): the
+acceptance the drafter has been getting is the best guess for a short answer's first rounds.
+AR steps observe no drafts, so after falling back the policy probes one block every
 `backoff` steps, doubling the gap while probes keep losing: speculation costs at most one
 round's surplus per probe where it does not pay.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 DECAY = 0.9  # per round: acceptance follows the text as it changes
+CARRY = 0.3  # what a new sequence keeps of the acceptance earlier ones saw
 COST_EMA = 0.2  # weight of a new round time in the shared drift
 LOCAL_EMA = 0.1  # ... and in its own width's correction (decisions rest on these ratios)
 PRIOR = 1.0  # pseudo-tries behind each draft position's prior
@@ -148,10 +151,13 @@ class Acceptance:
             out.append(prior)
         return out
 
-    def observe(self, width: int, accepted: int) -> None:
+    def fade(self, factor: float) -> None:
         for k in range(1, self.max_width):
-            self.tried[k] *= DECAY
-            self.hit[k] *= DECAY
+            self.tried[k] *= factor
+            self.hit[k] *= factor
+
+    def observe(self, width: int, accepted: int) -> None:
+        self.fade(DECAY)
         for k in range(1, min(accepted + 1, width - 1) + 1):
             self.tried[k] += 1
             self.hit[k] += accepted >= k
@@ -169,11 +175,13 @@ class AdaptiveWidth:
     """Per-round width with the most expected tokens per second (one sequence); the widths
     are those `costs` measured, up to `max_width`."""
 
-    def __init__(self, costs: RoundCosts, max_width: int):
+    def __init__(self, costs: RoundCosts, max_width: int, acceptance: Acceptance | None = None):
         self.costs = costs
         self.candidates = [w for w in costs.widths if w <= max_width]
         self.max_width = self.candidates[-1]
-        self.acceptance = Acceptance(self.max_width)
+        # what earlier sequences saw, faded: a prior for this one's first rounds
+        self.acceptance = acceptance or Acceptance(self.max_width)
+        self.acceptance.fade(CARRY)
         self.backoff = FIRST_BACKOFF
         self.ar_left = 0  # AR steps still to take before the probe
         self.probe_due = False  # the next round drafts, whatever the estimates say

@@ -110,8 +110,10 @@ def test_default_adaptive_and_fixed_widths_are_lossless(pair, tmp_path):
         assert s["mlx_lm"] is None and "profile" not in s["fused"]
         assert sum(s["fused"]["width_hist"]) == s["fused"]["blocks"]
         assert s["fused"]["ar_steps"] >= 0
-    fixed = _bench(pair, tmp_path, "--workload", "code", "--block-size", "4", "--no-mlx-lm")
+    fixed = _bench(pair, tmp_path, "--workload", "code", "--block-size", "4", "--repeats", "3")
     assert fixed["aggregate"]["lossless_all"] is True and "round_cost_s" not in fixed["params"]
+    assert fixed["params"]["repeats"] == 3 and all(s["mlx_lm"]["matches_ar"]
+                                                   for s in fixed["samples"])
     for s in fixed["samples"]:
         assert s["fused"]["ar_steps"] == 0 and s["fused"]["width_hist"][4] == s["fused"]["blocks"]
 
@@ -197,6 +199,7 @@ def test_niah_contexts_exceed_1k_real_tokens():
     (["--workload", "code", "--block-size", "99"], "--block-size must be between 2"),
     (["--workload", "code", "--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--workload", "code", "--n", "0"], "--n must be >= 1"),
+    (["--workload", "code", "--repeats", "0"], "--repeats must be >= 1"),
     (["--workload", "missing.jsonl"], "cannot read workload"),
 ])
 def test_bad_input_is_one_line_and_exit_2(pair, capsys, args, message):
