@@ -543,3 +543,22 @@ def test_old_transformers_is_one_clear_error(
     with pytest.raises(UserError, match=r"needs transformers >= 5\.18"):
         cg.convert_gguf(tiny[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bulk_reader_builds_the_fields_gguf_builds(tiny) -> None:
+    """Every metadata field, part for part (dtype and bytes), as llama.cpp's reader has it."""
+    from mlx_engine.gguf_reader import BulkGGUFReader
+
+    stock, bulk = gguf.GGUFReader(tiny[0]), BulkGGUFReader(tiny[0])
+    assert list(stock.fields) == list(bulk.fields)
+    arrays = 0
+    for name, a in stock.fields.items():
+        b = bulk.fields[name]
+        assert (a.offset, a.data, a.types) == (b.offset, b.data, b.types), name
+        assert [(p.dtype, p.tobytes()) for p in a.parts] == [(p.dtype, p.tobytes())
+                                                              for p in b.parts], name
+        assert a.contents() == b.contents(), name
+        arrays += a.types[0] == gguf.GGUFValueType.ARRAY
+    assert arrays >= 3  # tokens, scores and token types at least took the bulk path
+    assert [(t.name, t.data_offset) for t in stock.tensors] == [(t.name, t.data_offset)
+                                                                for t in bulk.tensors]
