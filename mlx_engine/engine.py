@@ -30,6 +30,7 @@ from .stopping import StopStrings
 from .verifier import Verifier
 
 WARMUP_PROMPT = list(range(3, 35))
+CALIBRATION_CYCLES = 3  # timed rounds per drafting width
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -205,19 +206,27 @@ class Engine:
         return RunResult(tokens, stats)
 
     def calibrate(self, graph: GraphMode = "two-phase") -> RoundCosts:
-        """Time rounds on this device for the adaptive policy: AR steps by the oracle loop's
-        own pipelined laps, drafting widths 2, 4, ... B three times each. Warms both up."""
-        rounds = [(1, lap) for lap in _laps(self.stream(
-            "ar", WARMUP_PROMPT, RunOptions(max_tokens=10, ignore_eos=True), DecodeStats()))]
+        """Time rounds on this device for the adaptive policy (and warm both loops up): AR
+        steps by the oracle loop's own pipelined laps, before and after the drafting widths
+        2, 4, ... B, which are timed in cycles (the first one only compiles), so a drift of
+        the machine's speed meanwhile reaches every width alike."""
         widths = calibration_widths(self.block_size(None))
-        script = WidthScript([w for w in widths for _ in range(3)])
+        script = WidthScript(widths * (1 + CALIBRATION_CYCLES))
         opts = RunOptions(max_tokens=sum(script.plan) + 2, ignore_eos=True, block_size=script,
                           graph=graph)
+        rounds = self._ar_laps()
         for _ in self.stream("fused", WARMUP_PROMPT, opts, DecodeStats()):
             if script.done:
                 break
-        self.round_costs = RoundCosts.from_rounds(rounds[1:] + script.rounds)
+        rounds += script.rounds[len(widths):] + self._ar_laps()
+        self.round_costs = RoundCosts.from_rounds(rounds)
         return self.round_costs
+
+    def _ar_laps(self, steps: int = 10) -> list[tuple[int, float]]:
+        """(1, seconds) per AR step of a short oracle run, after its first (pipeline fill)."""
+        opts = RunOptions(max_tokens=steps + 1, ignore_eos=True)
+        return [(1, lap) for lap in _laps(self.stream("ar", WARMUP_PROMPT, opts,
+                                                      DecodeStats()))[1:]]
 
     def warmup(self, opts: RunOptions) -> None:
         """Compile kernels and size buffers once so the timed runs compare steady states; with
