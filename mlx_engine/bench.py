@@ -309,15 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
     params: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v)
                               for k, v in vars(args).items()}
-    params["timing"] = ("per prompt: arms back to back, order rotated; decode_tok_s excludes "
-                        "the first token; time_split_s from the main fused run (extend inside "
-                        "draft), fused.profile from a separate profiled run; warm-up (and the "
-                        "width policy's round-cost calibration in it) before any timed run, "
-                        "charged to no arm")
+    params["timing"] = ("per prompt: arms back to back, order rotated; time_split_s from the "
+                        "main fused run (extend inside draft), fused.profile from a separate "
+                        "profiled run; " + evidence.TIMING)
 
     bench.warmup()
     if fixed is None:
-        params["round_cost_s"] = {str(w): c for w, c in engine.round_costs.measured.items()}
+        params["round_cost_s"] = engine.round_costs.measured_json()
 
     samples: list[dict[str, Any]] = []
     bar = _progress(list(zip(prompts, ids, strict=True)), args.workload)

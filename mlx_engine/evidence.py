@@ -26,6 +26,9 @@ from .host import chip
 from .speculative import DecodeStats
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "evidence.v1.json"
+TIMING = ("decode_tok_s excludes the first token (prefill's); warm-up, and the width policy's "
+          "round-cost calibration in it (params.round_cost_s), ran before any timed run and is "
+          "charged to no arm")
 
 
 def _git(cwd: Path, *args: str) -> str | None:

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         sample = evidence.sample_record("prompt", len(prompt), block_size,
                                         results.get("ar"), results.get("fused"))
         params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        params["timing"] = evidence.TIMING
+        if engine.round_costs is not None and args.block_size is None:
+            params["round_cost_s"] = engine.round_costs.measured_json()
         record = evidence.build_record(engine, params, [sample], block_size,
                                        command=shlex.join(["python", "-m", __spec__.name,
                                                            *(argv or sys.argv[1:])]))

@@ -73,6 +73,10 @@ class RoundCosts:
     def cost(self, width: int) -> float:
         return self.measured[width] * self.drift * self.local.get(width, 1.0)
 
+    def measured_json(self) -> dict[str, float]:
+        """The warm-up's seconds per round by width, for the evidence's params."""
+        return {str(w): c for w, c in self.measured.items()}
+
     def in_ar_steps(self, width: int) -> float:
         """What a round of `width` costs in plain AR steps (the nearest measured width)."""
         near = min(self.widths, key=lambda w: abs(w - width))

@@ -39,6 +39,8 @@ def test_both_modes_write_valid_lossless_evidence(pair, tmp_path, capsys):
     assert sample["fused"]["syncs_per_block"] == 3  # profiled: draft, accept, extend
     assert sample["fused"]["time_split_s"]["extend"] is not None
     assert record["drafter"]["block_size"] == 8
+    assert set(record["params"]["round_cost_s"]) == {"1", "2", "4", "8"}
+    assert "charged to no arm" in record["params"]["timing"]
     err = capsys.readouterr().err
     assert "speedup vs AR" in err and "lossless yes" in err
 
