@@ -6,7 +6,7 @@ p_j = P(draft j accepted | drafts before it accepted). Width 1 is a plain AR ste
 E = 1. `AdaptiveWidth` picks argmax E(w) / c(w) before every round, so it verifies wide where
 late drafts are accepted often enough to pay for their rows, narrow where they are not, and
 falls back to AR steps when no width beats plain decoding (a drafter that does not know the
-text, a device where a verify row is dear).
+text, a device where a verify row is dear); drafting again needs a 10% expected edge.
 
 c(w) starts from rounds timed during warm-up on this device (`Engine.calibrate`) and follows
 the rounds' measured times; p_j is estimated per draft position from exponentially decayed
@@ -31,6 +31,9 @@ LOCAL_EMA = 0.1  # ... and in its own width's correction (decisions rest on thes
 PRIOR = 1.0  # pseudo-tries behind each draft position's prior
 SPIKE = 3.0  # a round more than this times its estimate is other load, clipped
 FIRST_BACKOFF, MAX_BACKOFF = 4, 64  # AR steps between probes after a fallback
+# Leaving plain decoding (at a sequence's start too) needs this expected edge: an early block
+# that fails costs a third to half an AR step on a CPU, a large part of a short answer.
+ENTER = 1.1
 
 
 class WidthPolicy(Protocol):
@@ -45,7 +48,7 @@ class WidthPolicy(Protocol):
 
 @dataclass
 class FixedWidth:
-    """Every round verifies `width` rows (the drafter's block size, or `--block-size N`)."""
+    """Every round verifies `max_width` rows (the drafter's block size, or `--block-size N`)."""
 
     max_width: int
 
@@ -191,6 +194,7 @@ class AdaptiveWidth:
         self.probe_due = False  # the next round drafts, whatever the estimates say
         self.probing = False  # the round under way is a probe
         self.probe_lost = False  # the last probe accepted nothing
+        self.drafting = False  # the last decision drafted (else: plain AR steps)
 
     def rates(self) -> dict[int, float]:
         """Expected committed tokens per second of a round, by width."""
@@ -205,11 +209,12 @@ class AdaptiveWidth:
         if self.probe_due:
             self.probe_due, self.probing = False, True
             return max(self.candidates[1:], key=rates.__getitem__)
-        best = max(rates, key=rates.__getitem__)
-        if best > 1:
-            self.probe_lost = False
+        best = max(self.candidates[1:], key=rates.__getitem__)
+        if rates[best] > rates[1] * (1.0 if self.drafting else ENTER):
+            self.drafting, self.probe_lost = True, False
             return best
         # fall back to AR steps; probes that keep losing come ever more rarely
+        self.drafting = False
         self.backoff = min(2 * self.backoff, MAX_BACKOFF) if self.probe_lost else FIRST_BACKOFF
         self.ar_left, self.probe_due = self.backoff - 1, True
         return 1

@@ -189,7 +189,7 @@ class FrozenCosts(RoundCosts):
 def test_adaptive_policy_falls_back_to_ar_and_climbs_back_losslessly(pair):
     verifier, drafter = pair
     prompt = prompt_tokens(PROMPT_LEN, seed=17)
-    switch, n = 40, 112
+    switch, n = 40, 176
     reference = _ar(verifier, prompt, n + 16)
     source = PhasedSource(drafter, verifier, len(prompt), reference, switch)
     costs = FrozenCosts({1: 1.0, 2: 1.2, 4: 1.3, 8: 1.5, 16: 1.8})
