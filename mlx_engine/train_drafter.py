@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--function-prompts", type=_fraction, default=0.0, metavar="FRACTION",
                    help="share of prompts that end where a function body starts (the "
                         "code-completion task); the rest are excerpts cut at any line")
+    d.add_argument("--mix", metavar="KIND=WEIGHT,...",
+                   help="prompt kinds and their weights, replacing --function-prompts: "
+                        "excerpt, function_body, long, chat, prose, short "
+                        "(mlx_engine/training/kinds.py)")
     d.add_argument("--gen-tokens", type=_positive, default=256,
                    help="greedy continuation length per prompt")
     d.add_argument("--gen-batch-size", type=_positive, default=256)
@@ -138,34 +142,42 @@ def _target_path(args: argparse.Namespace) -> Path:
     return Path(default_verifier_dir("float32"))
 
 
+def _mix(args: argparse.Namespace) -> dict[str, float]:
+    from .training.mix import parse_mix
+
+    f = args.function_prompts
+    return parse_mix(args.mix or f"excerpt={1 - f},function_body={f}")
+
+
 def _token_cache(args: argparse.Namespace, model_path: Path) -> Any:
-    from .training.data import TokenCache, build_prompt_cache
+    from .training.data import TokenCache
+    from .training.mix import build_prompt_cache
 
     own = args.out / DATA_FILE
     if args.data is not None and not (args.resume and own.is_file()):
         return TokenCache.load(args.data)
+    mix = _mix(args)
     if own.is_file():
         cache = TokenCache.load(own)
         wanted = (args.seed, args.min_prompt_tokens, args.max_prompt_tokens,
-                  args.num_prompts, args.eval_prompts, args.function_prompts)
+                  args.num_prompts, args.eval_prompts, mix)
         if args.resume or _prompt_params(cache) == wanted:
             return cache
     from .reference.torch_target import load_tokenizer
 
     cache = build_prompt_cache(
         load_tokenizer(model_path), args.num_prompts, args.eval_prompts,
-        args.min_prompt_tokens, args.max_prompt_tokens, args.seed, args.mask_token_id,
-        function_fraction=args.function_prompts,
+        args.min_prompt_tokens, args.max_prompt_tokens, args.seed, mix, args.mask_token_id,
     )
     cache.save(own)
     return cache
 
 
-def _prompt_params(cache: Any) -> tuple[int, ...]:
+def _prompt_params(cache: Any) -> tuple[Any, ...]:
     m = cache.meta
     return (m["seed"], m["min_prompt_tokens"], m["max_prompt_tokens"],
             len(cache.indices(held_out=False)), len(cache.indices(held_out=True)),
-            m.get("function_fraction", 0.0))
+            m.get("mix"))
 
 
 def _drafter_config(args: argparse.Namespace, target: Any, mask_token_id: int) -> Any:
@@ -268,14 +280,13 @@ def _held_out_taus(
     args: argparse.Namespace, target: Any, cache: Any, drafter: Any, group: Any
 ) -> list:
     """Acceptance length of `drafter` on the held-out prompts, at each --eval-block-sizes:
-    over all of them, and per kind (excerpt, function body) when both are there. Ranks
-    replay a share of the prompts each and add up their rounds and tokens."""
+    over all of them, and per kind when there are several. Ranks replay a share of the
+    prompts each and add up their rounds and tokens."""
     from .training import distributed
     from .training.evaluate import acceptance_length, pooled
 
-    kinds = {name: idx for name, idx in (
-        ("excerpt", cache.indices(held_out=True, at_function_body=False)),
-        ("function_body", cache.indices(held_out=True, at_function_body=True))) if idx}
+    kinds = {name: idx for name in cache.kind_names()
+             if (idx := cache.indices(held_out=True, kind=name))}
     rows = []
     for b in args.eval_block_sizes:
         if not 2 <= b <= drafter.config.block_size:

@@ -27,9 +27,7 @@ drafter training, so the bench never measures a drafter on its own training text
 from __future__ import annotations
 
 import argparse
-import ast
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -40,17 +38,25 @@ from mlx_engine.training.data import (
     held_out_files,
     stdlib_root,
 )
+from mlx_engine.training.kinds import (
+    CHAT_REQUESTS,
+    GEMMA_TURNS,
+    HUMANEVAL_STOPS,
+    NOT_PROSE,
+    SENTENCE_END,
+    chat_summary,
+    docstrings,
+    short_spot,
+)
 from mlx_engine.workloads import Prompt
 
 SEED = 20250501
 CODE_N, CODE_CHARS = 40, (200, 1500)
 NATURAL_N, NATURAL_CAP, NATURAL_CHARS = 24, 40, 900
 CODE_NATURAL_N = 24
-HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
-SHORT_N, SHORT_CUTS = 24, ("= ", "return ", "(")
+SHORT_N = 24
 PROSE_N, PROSE_CHARS = 24, (250, 700)
 CHAT_N = 24
-GEMMA_TURNS = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 NIAH_TOKENS, NIAH_DEPTHS = (1100, 1600, 2100, 2600), (0.1, 0.3, 0.5, 0.7, 0.9)
 NIAH_QUESTION = '\n\n# The secret key set above, checked:\nassert SECRET_KEY == "'
 WORDS = ["amber", "falcon", "cobalt", "delta", "ember", "fjord", "granite", "harbor", "indigo",
@@ -116,7 +122,7 @@ def code_natural_prompts(files: list[Path], taken: set[str]) -> list[Prompt]:
         if cuts:
             text = _tail("".join(lines[: cuts[0]]), CODE_CHARS[1])
             prompts.append(Prompt(f"code-natural-{len(prompts):02d}", text,
-                                  f"{_relpath(path)}:{cuts[0] + 1}", stop=HUMANEVAL_STOPS))
+                                  f"{_relpath(path)}:{cuts[0] + 1}", stop=list(HUMANEVAL_STOPS)))
         if len(prompts) == CODE_NATURAL_N:
             break
     return prompts
@@ -128,21 +134,13 @@ def _top_level_def(lines: list[str], body_start: int) -> bool:
     return head.group(1) == ""
 
 
-def _short_spot(line: str) -> int | None:
-    """Where to cut a line of code for an inline completion: after its first cut mark."""
-    code = line.strip()
-    if not 40 <= len(code) <= 100 or code.startswith(("#", '"', "'")):
-        return None
-    return next((line.index(c) + len(c) for c in SHORT_CUTS if c in line), None)
-
-
 def short_prompts(files: list[Path], rng: random.Random) -> list[Prompt]:
     """A line of code per file, cut after its first `= `, `return ` or `(`; stop at its end."""
     prompts = []
     for path in files:
         lines = _lines(path)
         spots = [(i, col) for i, line in enumerate(lines)
-                 if (col := _short_spot(line)) is not None]
+                 if (col := short_spot(line)) is not None]
         if spots:
             i, col = rng.choice(spots)
             text = _tail("".join(lines[:i]), NATURAL_CHARS) + lines[i][:col]
@@ -173,30 +171,18 @@ def natural_prompts(candidates: list[Prompt]) -> list[Prompt]:
     return kept
 
 
-def _docstrings(path: Path) -> list[tuple[str, str, str]]:
-    """(kind, name, docstring) of a file's module, classes and functions, in file order."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    except SyntaxError:
-        return []
-    nodes = [tree, *(n for n in ast.walk(tree)
-                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
-    kinds = {ast.Module: "module", ast.ClassDef: "class"}
-    return [(kinds.get(type(n), "function"), getattr(n, "name", ""), doc) for n in nodes
-            if (doc := ast.get_docstring(n)) is not None]
-
-
 def prose_prompts(files: list[Path]) -> list[Prompt]:
     """The first sentences of the longest docstring of each file, as plain text."""
     prompts = []
     for path in files:
-        docs = [d for _, _, d in _docstrings(path) if len(d) >= 2 * PROSE_CHARS[0]]
+        docs = [d for _, _, d in docstrings("".join(_lines(path)))
+                if len(d) >= 2 * PROSE_CHARS[0]]
         if not docs:
             continue
         doc = max(docs, key=len)
-        ends = [m.end() for m in re.finditer(r"[.:]\s", doc)
+        ends = [m.end() for m in SENTENCE_END.finditer(doc)
                 if PROSE_CHARS[0] <= m.end() <= PROSE_CHARS[1]]
-        if ends and not re.search(r"^\s*(>>>|\$|[-=]{3,})", doc[: ends[-1]], re.M):
+        if ends and not NOT_PROSE.search(doc[: ends[-1]]):
             prompts.append(Prompt(f"prose-{len(prompts):02d}", doc[: ends[-1]].rstrip(),
                                   f"{_relpath(path)}:docstring"))
         if len(prompts) == PROSE_N:
@@ -208,13 +194,10 @@ def chat_prompts(files: list[Path]) -> list[Prompt]:
     """A request per file built from a public function's or class's docstring summary."""
     prompts = []
     for path in files:
-        for kind, name, doc in _docstrings(path):
-            summary = doc.strip().splitlines()[0].strip()
-            if (kind == "module" or name.startswith(("_", "test", "setUp", "tearDown"))
-                    or "Test" in name
-                    or not 20 <= len(summary) <= 120 or not summary.endswith(".")):
+        for kind, name, doc in docstrings("".join(_lines(path))):
+            if (summary := chat_summary(kind, name, doc)) is None:
                 continue
-            request = f"Write a Python {kind} `{name}`. {summary}"
+            request = CHAT_REQUESTS[0].format(kind=kind, name=name, summary=summary)
             messages = [{"role": "user", "content": request}]
             prompts.append(Prompt(f"chat-{len(prompts):02d}", GEMMA_TURNS.format(request),
                                   f"{_relpath(path)}:{name}", messages=messages))

@@ -31,7 +31,7 @@ def main() -> None:
     target = load_target(default_verifier_dir("float32"))
     drafter = TorchDFlashDrafter.from_pretrained(resolve_drafter(args.draft))
     totals = {n: [0, 0] for n in LENGTHS}  # rounds, tokens
-    for i in cache.indices(held_out=True, at_function_body=True)[: args.n]:
+    for i in cache.indices(held_out=True, kind="function_body")[: args.n]:
         prompt, cont = cache.prompts[i], cache.continuations[i]
         accepted = accepted_per_anchor(target, drafter, prompt + cont, len(prompt),
                                        args.block_size)

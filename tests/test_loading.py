@@ -116,3 +116,17 @@ def test_draft_vocab_command_writes_a_loadable_vocabulary(tmp_path):
     assert ids == sorted(set(ids)) and 0 < len(ids) <= 8 and max(ids) < 97
     engine = Engine.load(str(model_dir), str(draft))
     assert engine.draft_head.vocab_ids.tolist() == ids
+
+
+def test_draft_vocab_counts_the_verifiers_answers_of_a_token_cache(tmp_path):
+    from mlx_engine import draft_vocab
+    from mlx_engine.training.data import TokenCache
+
+    model_dir = save_model_dir(tmp_path / "model")
+    draft = save_random_drafter(tmp_path / "draft", drafter_config(6, block_size=4))
+    cache = tmp_path / "data.npz"  # a training answer of token 90 a thousand times, held out 91
+    TokenCache([[2], [2]], [False, True], {}, [[90] * 1000, [91] * 1000]).save(cache)
+    assert draft_vocab.main(["--draft", str(draft), "--model", str(model_dir), "--size", "8",
+                             "--max-files", "20", "--cache", str(cache)]) == 0
+    ids = mx.load(str(draft / DRAFT_VOCAB_FILE))["token_ids"].tolist()
+    assert 90 in ids and 91 not in ids

@@ -26,6 +26,7 @@ from mlx_engine.training.data import (  # noqa: E402
 )
 from mlx_engine.training.loop import lr_factor  # noqa: E402
 from mlx_engine.training.objective import (  # noqa: E402
+    IGNORE,
     decay_weights,
     default_gamma,
     dflash_loss,
@@ -58,21 +59,21 @@ def test_decay_weights_follow_dflash():
     assert (default_gamma(16), default_gamma(10), default_gamma(8)) == (7.0, 5.0, 4.0)
 
 
-def test_anchors_are_distinct_and_blocks_never_cross_the_end():
+def test_anchors_are_distinct_and_every_block_has_a_label():
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
     for _ in range(200):
-        b, block = rng.randint(1, 4), rng.choice([2, 4, 8, 16])
+        b = rng.randint(1, 4)
         first = torch.tensor([rng.randint(0, 40) for _ in range(b)])
         lengths = first + torch.tensor([rng.randint(0, 40) for _ in range(b)])
         n = rng.randint(1, 24)
-        anchors, keep = sample_anchors(first, lengths, n, block, gen)
+        anchors, keep = sample_anchors(first, lengths, n, gen)
         assert anchors.shape == keep.shape == (b, n)
         for r in range(b):
             kept = anchors[r][keep[r]].tolist()
-            room = max(0, int(lengths[r]) - block - int(first[r]) + 1)
+            room = max(0, int(lengths[r]) - 1 - int(first[r]))
             assert len(kept) == min(n, room) == len(set(kept))
-            assert all(first[r] <= a and a + block - 1 <= lengths[r] - 1 for a in kept)
+            assert all(first[r] <= a and a + 1 <= lengths[r] - 1 for a in kept)
 
 
 def test_blocks_are_anchor_then_masks_and_labels_follow():
@@ -80,6 +81,27 @@ def test_blocks_are_anchor_then_masks_and_labels_follow():
     block_ids, labels = make_blocks(tokens, torch.tensor([[3, 20]]), 4, mask_token_id=7)
     assert block_ids.tolist() == [[103, 7, 7, 7, 120, 7, 7, 7]]
     assert labels.tolist() == [[[104, 105, 106], [121, 122, 123]]]
+
+
+def test_labels_past_a_sequence_end_are_ignored_and_carry_no_loss():
+    tokens = torch.tensor([[10, 11, 12, 1, 0, 0], [20, 21, 22, 23, 24, 25]])  # row 0 ends at EOS
+    anchors = torch.tensor([[2], [3]])
+    block_ids, labels = make_blocks(tokens, anchors, 4, mask_token_id=7,
+                                    lengths=torch.tensor([4, 6]))
+    assert block_ids.tolist() == [[12, 7, 7, 7], [23, 7, 7, 7]]
+    assert labels.tolist() == [[[1, IGNORE, IGNORE]], [[24, 25, IGNORE]]]
+    torch.manual_seed(0)
+    v, h = 30, 8
+    hidden, head = torch.randn(2, 4, h), torch.randn(v, h)
+    keep = torch.ones(2, 1, dtype=torch.bool)
+    w = decay_weights(4, 2.0)
+    loss, stats = dflash_loss(hidden, lambda x: x @ head.T, labels, keep, w)
+    logits = hidden[:, 1:] @ head.T  # [2, 3, v]
+    ce = [torch.nn.functional.cross_entropy(logits[r, k], torch.tensor(y))
+          for r, k, y in ((0, 0, 1), (1, 0, 24), (1, 1, 25))]
+    expected = (ce[0] * w[0] + ce[1] * w[0] + ce[2] * w[1]) / (2 * w[0] + w[1])
+    torch.testing.assert_close(loss, expected)
+    assert math.isnan(stats.accuracy[2])  # no block reaches its third position
 
 
 def test_loss_is_decay_weighted_ce_over_kept_blocks():
@@ -99,6 +121,20 @@ def test_loss_is_decay_weighted_ce_over_kept_blocks():
     hits = logits.argmax(-1) == labels[keep]
     assert stats.accuracy == pytest.approx(hits.float().mean(0).tolist())
     assert stats.accept == pytest.approx(hits.long().cumprod(-1).sum(-1).float().mean().item())
+
+
+def test_an_epoch_order_is_a_permutation_whose_steps_share_a_length():
+    from mlx_engine.training.loop import LENGTH_WINDOW, length_grouped_order
+
+    rng = random.Random(0)
+    lengths = [rng.choice([100, 4000]) for _ in range(4 * LENGTH_WINDOW * 3)]
+    order = length_grouped_order(lengths, 4, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(lengths)))
+    steps = [order[k : k + 4] for k in range(0, len(order), 4)]
+    mixed = sum(len({lengths[i] for i in step}) > 1 for step in steps)
+    assert mixed <= 3  # at most one step per window straddles the two lengths
+    again = length_grouped_order(lengths, 4, torch.Generator().manual_seed(0))
+    assert again == order
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
@@ -157,7 +193,10 @@ def test_function_body_starts_skip_docstrings_and_short_bodies():
 
 
 def test_function_prompts_end_where_a_body_starts(tmp_path: Path):
-    from mlx_engine.training.data import function_body_starts, sample_prompts
+    from dataclasses import replace
+
+    from mlx_engine.training.data import function_body_starts
+    from mlx_engine.training.kinds import KINDS, sample_prompts
 
     files = []
     for k in range(3):
@@ -167,8 +206,8 @@ def test_function_prompts_end_where_a_body_starts(tmp_path: Path):
     def encode_batch(texts):
         return [[ord(c) for c in t] for t in texts]
 
-    prompts = sample_prompts(files, encode_batch, 40, random.Random(0), 20, 100, 1,
-                             at_function_body=True)
+    kind = replace(KINDS["function_body"], lengths=(20, 84))
+    prompts = sample_prompts(kind, files, encode_batch, 40, random.Random(0), 1)
     heads = [  # each file's text up to each body start
         "".join(lines[:i]) for f in files
         for lines in [f.read_text().splitlines(True)] for i in function_body_starts(lines)]
@@ -178,29 +217,37 @@ def test_function_prompts_end_where_a_body_starts(tmp_path: Path):
         assert any(head.endswith(text) for head in heads), text
 
 
-def test_prompt_cache_mixes_both_kinds_and_keeps_them_through_generation(tmp_path: Path):
+def test_prompt_cache_mixes_the_kinds_and_keeps_them_through_generation(tmp_path: Path):
     from mlx_engine.reference.tiny_target import build_tiny_target
     from mlx_engine.reference.torch_target import load_tokenizer
-    from mlx_engine.training.data import build_prompt_cache, fill_continuations
+    from mlx_engine.training.data import fill_continuations
+    from mlx_engine.training.mix import build_prompt_cache, parse_mix
 
     build_tiny_target(tmp_path / "t", seed=0)
     tok = load_tokenizer(tmp_path / "t")
-    cache = build_prompt_cache(tok, 20, 8, 32, 64, seed=3, function_fraction=0.25)
-    assert len(cache.indices(False, at_function_body=True)) == 5
-    assert len(cache.indices(True, at_function_body=True)) == 2
-    assert cache.at_function_body[:20] != sorted(cache.at_function_body[:20])  # shuffled
-    plain = build_prompt_cache(tok, 20, 8, 32, 64, seed=3)
-    assert not any(plain.at_function_body)
+    mix = parse_mix("excerpt=0.5,function_body=0.25,chat=0.25")
+    cache = build_prompt_cache(tok, 20, 8, 32, 64, seed=3, mix=mix)
+    assert [len(cache.indices(False, k)) for k in ("excerpt", "function_body", "chat")] == [
+        10, 5, 5]
+    assert [len(cache.indices(True, k)) for k in ("excerpt", "function_body", "chat")] == [
+        4, 2, 2]
+    assert cache.kinds[:20] != sorted(cache.kinds[:20])  # shuffled
+    assert all(len(cache.prompts[i]) in (32, 64) for i in cache.indices(False, "excerpt"))
+    chat = tok.decode(cache.prompts[cache.indices(False, "chat")[0]])
+    assert chat.startswith("<bos><start_of_turn>user\n") and chat.endswith("<start_of_turn>model\n")
+    plain = build_prompt_cache(tok, 20, 8, 32, 64, seed=3, mix=parse_mix("excerpt=1"))
+    assert set(plain.kinds) == {"excerpt"}
 
     def generate(prompts, n, deadline):  # no time for the last training prompt
         return [[7] * n if deadline is None or i < len(prompts) - 1 else None
                 for i, _ in enumerate(prompts)]
 
-    kinds = [cache.at_function_body[i] for i in range(len(cache.prompts)) if i != 19]
+    kinds = [cache.kinds[i] for i in range(len(cache.prompts)) if i != 19]
     assert fill_continuations(cache, generate, 2, time_limit=60.0) == 1
-    assert cache.at_function_body == kinds
+    assert cache.kinds == kinds
     cache.save(tmp_path / "c.npz")
-    assert TokenCache.load(tmp_path / "c.npz").at_function_body == kinds
+    again = TokenCache.load(tmp_path / "c.npz")
+    assert again.kinds == kinds and again.meta["mix"] == mix
 
 
 def test_token_cache_round_trip(tmp_path: Path):
@@ -211,9 +258,17 @@ def test_token_cache_round_trip(tmp_path: Path):
     assert (again.prompts, again.held_out, again.meta, again.continuations) == (
         cache.prompts, cache.held_out, cache.meta, cache.continuations)
     assert again.indices(held_out=True) == [1] and again.has_continuations(3)
-    assert again.at_function_body == [False, False]  # a cache without kinds: excerpts
+    assert again.kinds == ["excerpt", "excerpt"]  # a cache without kinds: excerpts
     with pytest.raises(UserError, match="does not exist"):
         TokenCache.load(tmp_path / "missing.npz")
+
+
+def test_an_old_cache_reads_its_function_body_flags_as_kinds(tmp_path: Path):
+    TokenCache([[2, 5], [2, 7]], [False, True], {}).save(tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "kinds"}
+    np.savez(tmp_path / "old.npz", at_function_body=np.asarray([True, False]), **arrays)
+    assert TokenCache.load(tmp_path / "old.npz").kinds == ["function_body", "excerpt"]
 
 
 def test_generation_time_limit_drops_only_training_prompts():
@@ -306,6 +361,22 @@ def test_greedy_continue_past_its_deadline_starts_no_batch(smoke: Path):
     assert target.greedy_continue(prompts, 4, progress=False, deadline=0.0) == [None] * 3
     full = target.greedy_continue(prompts, 4, batch_size=1, progress=False)
     assert all(len(c) == 4 for c in full)
+
+
+def test_prompts_of_mixed_lengths_continue_as_each_does_alone(smoke: Path):
+    """Left-padded batches (chat requests have natural lengths) give each prompt's own
+    greedy continuation, past the tiny target's 16-token sliding window too."""
+    from mlx_engine.reference.torch_target import _length_batches, load_target
+
+    target = load_target(smoke / "tiny-target")
+    rng = random.Random(0)
+    prompts = [[2] + [rng.randrange(260, 512) for _ in range(rng.randint(5, 40))]
+               for _ in range(10)]
+    together = target.greedy_continue(prompts, 24, batch_size=64, progress=False)
+    alone = [target.greedy_continue([p], 24, progress=False)[0] for p in prompts]
+    assert together == alone
+    batches = _length_batches([5, 3, 300_000, 3, 200_000, 5], batch_size=2)
+    assert sorted(map(sorted, batches)) == [[0, 5], [1, 3], [2], [4]]  # long ones alone
 
 
 def test_init_starts_from_a_drafter_and_reports_its_tau(smoke: Path, tmp_path: Path):

@@ -9,6 +9,7 @@ before the final norm whatever `output_hidden_states` does in a given transforme
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import UserError
+
+MAX_BATCH_TOKENS = 1 << 18  # prompt tokens a generation batch holds (long prompts: fewer rows)
 
 
 def _find_gguf(path: Path) -> Path | None:
@@ -139,44 +142,66 @@ class TargetModel:
     ) -> list[list[int] | None]:
         """The target's own greedy continuation of each prompt: n_new tokens or up to an EOS.
 
-        Prompts are batched by exact length, so no padding can perturb a single logit; the
-        matmuls run in true fp32 where the weights are fp32, like the CPU verifier. Batches
-        are visited round-robin over the lengths; once `time.monotonic()` passes `deadline`
-        no new batch starts and the prompts left over get None.
+        Prompts are batched in order of length, so most batches hold one length and need no
+        padding (prompts of natural lengths, chat requests, are left-padded and masked); long
+        prompts batch fewer rows (MAX_BATCH_TOKENS). The matmuls run in true fp32 where the
+        weights are fp32, like the CPU verifier. Batches run in a fixed shuffled order, so a
+        `deadline` (`time.monotonic()`, after which no new batch starts and the prompts left
+        over get None) drops prompts of every length alike.
         """
-        by_len: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_len.setdefault(len(p), []).append(i)
-        chunks = sorted(
-            ((s, length, idx[s : s + batch_size]) for length, idx in by_len.items()
-             for s in range(0, len(idx), batch_size)),
-            key=lambda c: c[:2],
-        )
+        chunks = _length_batches([len(p) for p in prompts], batch_size)
         eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
         out: list[list[int] | None] = [None] * len(prompts)
         with matmul_precision("highest"):
-            for _, _, chunk in tqdm(chunks, desc="greedy continuations", disable=not progress):
+            for chunk in tqdm(chunks, desc="greedy continuations", disable=not progress):
                 if deadline is not None and time.monotonic() > deadline:
                     break
-                ids = torch.tensor([list(prompts[i]) for i in chunk], device=self.device)
-                new = self._greedy_batch(ids, n_new, eos)
+                new = self._greedy_batch([prompts[i] for i in chunk], n_new, eos)
                 for row, i in zip(new.tolist(), chunk, strict=True):
                     out[i] = _cut_at_eos(row, eos_ids)
         return out
 
-    def _greedy_batch(self, ids: torch.Tensor, n_new: int, eos: torch.Tensor) -> torch.Tensor:
-        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    def _greedy_batch(
+        self, prompts: list[Sequence[int]], n_new: int, eos: torch.Tensor
+    ) -> torch.Tensor:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts],
+                           device=self.device)
+        padded = any(len(p) < width for p in prompts)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        def step(x: torch.Tensor, past: Any = None, **kw: Any) -> Any:
+            extra = {"attention_mask": mask, "position_ids": pos} if padded else {}
+            return self.model(input_ids=x, past_key_values=past, use_cache=True, **kw, **extra)
+
+        res = step(ids, logits_to_keep=1)
         tokens = [res.logits[:, -1].argmax(-1)]
         done = torch.isin(tokens[-1], eos)
         for _ in range(n_new - 1):
             if bool(done.all()):
                 break
-            res = self.model(
-                input_ids=tokens[-1][:, None], past_key_values=res.past_key_values, use_cache=True
-            )
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            res = step(tokens[-1][:, None], res.past_key_values)
             tokens.append(res.logits[:, -1].argmax(-1))
             done |= torch.isin(tokens[-1], eos)
         return torch.stack(tokens, dim=1)
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches: sorted by length, at most batch_size rows and about
+    MAX_BATCH_TOKENS prompt tokens each, in a fixed shuffled order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        rows = min(batch_size, max(1, MAX_BATCH_TOKENS // lengths[i]))
+        if not chunks or len(chunks[-1]) >= rows:
+            chunks.append([])
+        chunks[-1].append(i)
+    random.Random(0).shuffle(chunks)
+    return chunks
 
 
 def _cut_at_eos(row: list[int], eos_ids: Sequence[int]) -> list[int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import sysconfig
 import time
@@ -28,9 +27,7 @@ import numpy as np
 from ..errors import UserError
 
 HELD_OUT_PERCENT = 10
-LENGTH_STEP = 64  # prompt lengths step by this: equal lengths batch without padding
 MAX_FILE_BYTES = 400_000
-CHARS_PER_TOKEN = 8  # generous: excerpts are cut to length after tokenizing
 DEF_LINE = re.compile(r"^(\s*)(async\s+)?def\s+\w+\(.*\).*:\s*(#.*)?$")
 DOCSTRING_OPEN = re.compile(r'^\s*[rRbBuU]?("""|\'\'\')')
 MIN_BODY_LINES = 3
@@ -113,99 +110,46 @@ def _body_start(lines: Sequence[str], i: int, indent: int) -> int | None:
     return start if body >= MIN_BODY_LINES else None
 
 
-def sample_prompts(
-    files: Sequence[Path],
-    encode_batch: Callable[[list[str]], list[list[int]]],
-    n: int,
-    rng: random.Random,
-    min_tokens: int,
-    max_tokens: int,
-    bos_id: int | None,
-    at_function_body: bool = False,
-) -> list[list[int]]:
-    """n prompts: BOS + code of a length drawn from {min_tokens, min_tokens + LENGTH_STEP,
-    ..., <= max_tokens} (BOS included), so that equal-length prompts batch without padding.
-
-    An excerpt starts at a random line and is cut to length at its end; a prompt
-    `at_function_body` ends where a random function's body starts and is cut at its start
-    (the task of code completion: write the body).
-    """
-    lengths = list(range(min_tokens, max_tokens + 1, LENGTH_STEP))
-    texts: dict[Path, list[str]] = {}
-    bodies: dict[Path, list[int]] = {}
-    prompts: list[list[int]] = []
-    attempts = 0
-    while len(prompts) < n:
-        attempts += 1
-        if attempts > 20 * n + 100:
-            raise UserError(f"could not cut {n} prompts of >= {min_tokens} tokens from the corpus")
-        want = [(rng.choice(files), rng.choice(lengths)) for _ in range(min(n - len(prompts), 256))]
-        excerpts = []
-        for path, length in want:
-            if path not in texts:
-                texts[path] = path.read_text(encoding="utf-8", errors="replace").splitlines(True)
-            lines, chars = texts[path], CHARS_PER_TOKEN * length
-            if at_function_body:
-                if path not in bodies:
-                    bodies[path] = function_body_starts(lines)
-                excerpts.append(_text_before(lines, rng.choice(bodies[path]), chars)
-                                if bodies[path] else "")
-            else:
-                excerpts.append(_text_from(lines, rng.randrange(len(lines)), chars))
-        for (_, length), ids in zip(want, encode_batch(excerpts), strict=True):
-            body = length - (bos_id is not None)
-            if len(ids) >= body:
-                ids = ids[-body:] if at_function_body else ids[:body]
-                prompts.append(([bos_id] if bos_id is not None else []) + ids)
-    return prompts
-
-
-def _text_from(lines: Sequence[str], start: int, chars: int) -> str:
-    """Whole lines from `start` until at least `chars` characters (or the end)."""
-    end, n = start, 0
-    while end < len(lines) and n < chars:
-        n += len(lines[end])
-        end += 1
-    return "".join(lines[start:end])
-
-
-def _text_before(lines: Sequence[str], end: int, chars: int) -> str:
-    """Whole lines before `end`, going back until at least `chars` characters (or the start)."""
-    start, n = end, 0
-    while start > 0 and n < chars:
-        start -= 1
-        n += len(lines[start])
-    return "".join(lines[start:end])
-
-
 @dataclass
 class TokenCache:
-    """Prompts, the target's greedy continuations, which prompts are held out, and which end
-    at a function body (the others are excerpts; an old cache has excerpts only)."""
+    """Prompts, the target's greedy continuations, which prompts are held out, and each
+    prompt's kind (`training.kinds`; an old cache has excerpts and function bodies only)."""
 
     prompts: list[list[int]]
     held_out: list[bool]
     meta: dict[str, Any]
     continuations: list[list[int]] = field(default_factory=list)
-    at_function_body: list[bool] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.at_function_body:
-            self.at_function_body = [False] * len(self.prompts)
+        if not self.kinds:
+            self.kinds = ["excerpt"] * len(self.prompts)
 
-    def indices(self, held_out: bool, at_function_body: bool | None = None) -> list[int]:
-        rows = zip(self.held_out, self.at_function_body, strict=True)
-        return [i for i, (h, f) in enumerate(rows)
-                if h == held_out and (at_function_body is None or f == at_function_body)]
+    def indices(self, held_out: bool, kind: str | None = None) -> list[int]:
+        rows = zip(self.held_out, self.kinds, strict=True)
+        return [i for i, (h, k) in enumerate(rows)
+                if h == held_out and (kind is None or k == kind)]
+
+    def kind_names(self) -> list[str]:
+        """The kinds present, in order of first appearance."""
+        return list(dict.fromkeys(self.kinds))
 
     def has_continuations(self, gen_tokens: int) -> bool:
         return bool(self.continuations) and self.meta.get("gen_tokens") == gen_tokens
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (in this order), continuations included."""
+        self.prompts = [self.prompts[i] for i in rows]
+        self.held_out = [self.held_out[i] for i in rows]
+        self.kinds = [self.kinds[i] for i in rows]
+        if self.continuations:
+            self.continuations = [self.continuations[i] for i in rows]
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"held_out": np.asarray(self.held_out, dtype=bool),
-                  "at_function_body": np.asarray(self.at_function_body, dtype=bool)}
+                  "kinds": np.asarray(self.kinds, dtype=str)}
         arrays.update(_pack("prompts", self.prompts))
         if self.continuations:
             arrays.update(_pack("continuations", self.continuations))
@@ -224,10 +168,13 @@ class TokenCache:
                 prompts = _unpack(z, "prompts")
                 conts = _unpack(z, "continuations") if "continuations_flat" in z else []
                 held = z["held_out"].tolist()
-                body = z["at_function_body"].tolist() if "at_function_body" in z else []
+                kinds = (z["kinds"].tolist() if "kinds" in z else
+                         [("function_body" if body else "excerpt")
+                          for body in z["at_function_body"].tolist()]
+                         if "at_function_body" in z else [])
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"cannot read token cache {path}: {exc}") from None
-        return cls(prompts, held, meta, conts, body)
+        return cls(prompts, held, meta, conts, kinds)
 
 
 def _pack(name: str, rows: list[list[int]]) -> dict[str, np.ndarray]:
@@ -241,60 +188,6 @@ def _unpack(z: Any, name: str) -> list[list[int]]:
     if len(lengths) == 0:
         return []
     return [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])]
-
-
-def build_prompt_cache(
-    tokenizer: Any,
-    n_train: int,
-    n_held_out: int,
-    min_tokens: int,
-    max_tokens: int,
-    seed: int,
-    mask_token_id: int | None = None,
-    root: Path | None = None,
-    function_fraction: float = 0.0,
-) -> TokenCache:
-    """Prompts for training (train files) and evaluation (held-out files), no continuations;
-    `function_fraction` of each set end at a function body, the rest are excerpts."""
-    if not 2 <= min_tokens <= max_tokens:
-        raise UserError(f"prompt lengths need 2 <= min ({min_tokens}) <= max ({max_tokens})")
-    if not 0.0 <= function_fraction <= 1.0:
-        raise UserError(f"the function-prompt fraction {function_fraction} is not in [0, 1]")
-    root = root or stdlib_root()
-    train_files, held_files = split_files(root)
-    rng = random.Random(seed)
-
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def mix(files: list[Path], n: int) -> list[tuple[list[int], bool]]:
-        """Both kinds, shuffled, so a time-bounded generation drops them alike."""
-        n_body = round(n * function_fraction)
-        rows = [(p, body) for body, k in ((False, n - n_body), (True, n_body)) for p in
-                sample_prompts(files, encode_batch, k, rng, min_tokens, max_tokens,
-                               tokenizer.bos_token_id, at_function_body=body)]
-        if n_body:
-            rng.shuffle(rows)
-        return rows
-
-    train, held = mix(train_files, n_train), mix(held_files, n_held_out)
-    eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<end_of_turn>"])}
-    eos.discard(None)
-    eos.discard(tokenizer.unk_token_id)
-    meta = {
-        "mask_token_id": find_mask_token(tokenizer) if mask_token_id is None else mask_token_id,
-        "eos_ids": sorted(eos),
-        "vocab_size": len(tokenizer),
-        "seed": seed,
-        "corpus": str(root),
-        "held_out_percent": HELD_OUT_PERCENT,
-        "min_prompt_tokens": min_tokens,
-        "max_prompt_tokens": max_tokens,
-        "function_fraction": function_fraction,
-    }
-    rows = train + held
-    return TokenCache([p for p, _ in rows], [False] * len(train) + [True] * len(held), meta,
-                      at_function_body=[body for _, body in rows])
 
 
 def fill_continuations(
@@ -317,10 +210,8 @@ def fill_continuations(
     conts.update(zip(train, generate([cache.prompts[i] for i in train], gen_tokens, deadline),
                      strict=True))
     keep = [i for i in range(len(cache.prompts)) if conts[i] is not None]
-    cache.prompts = [cache.prompts[i] for i in keep]
-    cache.held_out = [cache.held_out[i] for i in keep]
-    cache.at_function_body = [cache.at_function_body[i] for i in keep]
-    cache.continuations = [conts[i] for i in keep]
+    cache.continuations = [conts[i] for i in range(len(cache.prompts))]
+    cache.keep(keep)
     cache.meta["gen_tokens"] = gen_tokens
     dropped = len(conts) - len(keep)
     cache.meta["dropped_without_continuation"] = dropped

@@ -29,6 +29,7 @@ from .data import TokenCache
 from .objective import decay_weights, dflash_loss, make_blocks, sample_anchors
 
 CHECKPOINT = "checkpoint.pt"
+LENGTH_WINDOW = 16  # steps whose sequences are grouped by length (`Trainer._epoch_order`)
 
 
 @dataclass
@@ -77,11 +78,11 @@ class Trainer:
             (len(cache.prompts[i]), (cache.prompts[i] + cache.continuations[i])[: cfg.seq_len])
             for i in cache.indices(held_out=False)
         ]
-        usable = sum(len(seq) - first >= self.block_size for first, seq in self.sequences)
+        usable = sum(len(seq) - first >= 2 for first, seq in self.sequences)
         if usable == 0:
             raise UserError(
-                f"no training sequence has a continuation of >= {self.block_size} tokens "
-                "within --seq-len; raise --gen-tokens or --seq-len"
+                "no training sequence has a continuation of >= 2 tokens within --seq-len; "
+                "raise --gen-tokens or --seq-len"
             )
         self.weights = decay_weights(self.block_size, cfg.gamma).to(self.device)
         params = list(drafter.parameters())
@@ -135,7 +136,7 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------
     def _batch_indices(self, step: int) -> list[int]:
-        """Epoch-wise shuffles seeded by (seed, epoch): the order is a function of the step.
+        """Epoch-wise orders seeded by (seed, epoch): the order is a function of the step.
         A step takes batch_size sequences per rank, rank r the r-th slice."""
         n, bs = len(self.sequences), self.cfg.batch_size
         start = (step * self.group.world + self.group.rank) * bs
@@ -143,10 +144,14 @@ class Trainer:
         for j in range(start, start + bs):
             epoch, pos = divmod(j, n)
             if epoch not in self._orders:
-                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-                self._orders = {epoch: torch.randperm(n, generator=g).tolist()}
+                self._orders = {epoch: self._epoch_order(epoch)}
             out.append(self._orders[epoch][pos])
         return out
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return length_grouped_order([len(seq) for _, seq in self.sequences],
+                                    self.cfg.batch_size * self.group.world, g)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = [self.sequences[i] for i in self._batch_indices(step)]
@@ -161,12 +166,10 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg, dev = self.cfg, self.device
         tokens, first, lengths = self._batch(self.step)
-        anchors, keep = sample_anchors(
-            first, lengths, cfg.anchors_per_seq, self.block_size, self.generator
-        )
+        anchors, keep = sample_anchors(first, lengths, cfg.anchors_per_seq, self.generator)
         tokens, anchors, keep = tokens.to(dev), anchors.to(dev), keep.to(dev)
         block_ids, labels = make_blocks(
-            tokens, anchors, self.block_size, self.drafter.config.mask_token_id
+            tokens, anchors, self.block_size, self.drafter.config.mask_token_id, lengths
         )
         with matmul_precision("high"):
             taps = self.target.taps(tokens, self.drafter.config.target_layer_ids)
@@ -223,6 +226,20 @@ class Trainer:
         distributed.check_replicas(self.drafter, self.group)
         self.drafter.eval()
         return self.history
+
+
+def length_grouped_order(lengths: list[int], step_rows: int, g: torch.Generator) -> list[int]:
+    """A shuffle, then sorted by length within windows of LENGTH_WINDOW steps of `step_rows`
+    sequences, whose steps are shuffled again: a step's sequences have similar lengths, so a
+    batch of short answers is not padded to the width of a 4k-token prompt."""
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    order: list[int] = []
+    for w in range(0, len(perm), step_rows * LENGTH_WINDOW):
+        part = sorted(perm[w : w + step_rows * LENGTH_WINDOW], key=lambda i: lengths[i])
+        steps = [part[k : k + step_rows] for k in range(0, len(part), step_rows)]
+        for k in torch.randperm(len(steps), generator=g).tolist():
+            order += steps[k]
+    return order
 
 
 def _summarise(window: list[dict[str, Any]], step: int, lr: float, elapsed: float) -> dict:

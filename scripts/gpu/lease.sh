@@ -32,11 +32,13 @@
 # $OUT/bench-gpuK.tgz holds queue K's evidence JSONs, plots and logs (rewritten after each
 # run, so a run cut by the call limit keeps what finished). Knobs (env): SEED (0), LR (1e-3),
 # BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), EVAL_PROMPTS (64),
-# FUNCTION_PROMPTS (0: the share of prompts ending at a function body), GEN_TOKENS (256), GEN_LIMIT
-# (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS (128), BENCH_DTYPES
-# (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-), BENCH_DRAFTERS
-# (default[,/tmp/kakeya-run/drafter]), BENCH_QBITS (unset: the float verifier; 4: mlx-lm's
-# 4-bit quantization of it, group 64; gguf: the GGUF's own quantized blocks, kept by
+# FUNCTION_PROMPTS (0: the share of prompts ending at a function body), MIX (unset: prompt kinds
+# and weights, e.g. function_body=0.4,long=0.1,chat=0.2; replaces FUNCTION_PROMPTS), SEQ_LEN
+# (768; the long kind's 4k prompts need 4224), TRAIN_ONLY (pack: no MLX wheels), GEN_TOKENS
+# (256), GEN_LIMIT (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS
+# (128), BENCH_DTYPES (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-),
+# BENCH_DRAFTERS (default[,/tmp/kakeya-run/drafter]), BENCH_QBITS (unset: the float verifier;
+# 4: mlx-lm's 4-bit quantization of it, group 64; gguf: the GGUF's own quantized blocks, kept by
 # `convert_gguf --keep-quantization`). Flags and env settings name the evidence files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,7 +52,7 @@ SEED=${SEED:-0}
 NUM_PROMPTS=${NUM_PROMPTS:-8192}
 EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 PROMPT_ARGS=(--num-prompts "$NUM_PROMPTS" --eval-prompts "$EVAL_PROMPTS"
-             --function-prompts "${FUNCTION_PROMPTS:-0}"
+             --function-prompts "${FUNCTION_PROMPTS:-0}" ${MIX:+--mix "$MIX"}
              --min-prompt-tokens 64 --max-prompt-tokens 512)
 
 pack() {  # here (CPU, with the package installed): prepare the carries
@@ -60,11 +62,13 @@ for p in g.chunk_paths(): print(p)')
     rm -rf .gpu_carry "$payload" "$payload".piece.* && mkdir -p .gpu_carry "$payload"
     grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
     cat "${chunks[@]}" > "$payload/$GGUF"
+    local wheels=(gguf==0.19.0)  # TRAIN_ONLY=1: a lease that only trains needs no MLX
+    [[ -n ${TRAIN_ONLY:-} ]] || wheels+=(mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2
+        jsonschema jsonschema-specifications referencing rpds-py attrs transformers==5.23.0
+        huggingface-hub==1.33.0)
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 -d "$payload" \
-        gguf==0.19.0 mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 jsonschema \
-        jsonschema-specifications referencing rpds-py attrs transformers==5.23.0 \
-        huggingface-hub==1.33.0
+        "${wheels[@]}"
     # Tokenize here (default: the converted verifier dir; MODEL=DIR|FILE.gguf overrides);
     # SEEDS=none for a bench-only lease.
     local seed
@@ -121,7 +125,7 @@ train() {  # device: train on CUDA, copy the results to $OUT
         --gen-batch-size 1024 ${GEN_LIMIT:+--gen-time-limit "$GEN_LIMIT"} --block-size 16 \
         --num-layers "${LAYERS:-4}" ${INIT:+--init "$INIT"} \
         --steps 100000 --train-until "${TRAIN_UNTIL:-450}" --batch-size "${BATCH:-16}" \
-        --anchors-per-seq "${ANCHORS:-64}" --lr "${LR:-1e-3}" --seq-len 768 \
+        --anchors-per-seq "${ANCHORS:-64}" --lr "${LR:-1e-3}" --seq-len "${SEQ_LEN:-768}" \
         --log-every 20 --ckpt-every 500 --export-dtype float16 ${RESUME:+--resume}
 
     mkdir -p "$OUT/drafter"

@@ -1,0 +1,193 @@
+"""`python -m mlx_engine.eval_drafter`: a drafter's engine tau per prompt kind, held out.
+
+The bench measures one prompt shape; a drafter tuned on it can fall apart on others (issue
+19). This runs the MLX engine itself on held-out prompts of each kind of `training.kinds`
+(cut from held-out stdlib files, the same way training cuts its own), each stopped the way its
+use stops (EOS, the kind's stop strings, its answer cap), plus the README's example. Per
+prompt: the AR oracle's answer, then fused decoding at each block size, checked token for
+token against it (lossless) with its acceptance length tau. Per kind: tau's mean over prompts
+(the target), its median and the pooled tau (committed tokens / verify rounds).
+
+    python -m mlx_engine.eval_drafter --draft DIR --n 6 --json runs/after.json \\
+        --markdown runs/after.md --baseline runs/before.json
+
+`--baseline` (an earlier run on the same prompts) reuses its AR answers and puts its taus
+beside the new ones in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .engine import Engine, RunOptions
+from .errors import UserError, cli_entry
+from .sources import DEFAULT
+from .training.data import held_out_files
+from .training.kinds import KINDS, Kind, sample_prompts
+from .workloads import DIR as WORKLOADS_DIR
+
+README_EXAMPLE = WORKLOADS_DIR / "example_prompt.py"
+README_KIND = "readme"
+README_MAX_TOKENS = 128  # the README's command
+DEFAULT_KINDS = ("function_body", "long", "chat", "prose", "short", README_KIND)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_engine.eval_drafter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--draft", default=DEFAULT, help="drafter dir (default: bundled)")
+    p.add_argument("--model", default=DEFAULT, help="verifier (default: offline Gemma 3 270M)")
+    p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS),
+                   choices=[*KINDS, README_KIND])
+    p.add_argument("--blocks", nargs="+", type=int, default=[4, 8, 16])
+    p.add_argument("--n", type=int, default=6, help="held-out prompts per kind")
+    p.add_argument("--max-tokens", type=int, help="answer cap for every kind (default: each "
+                   "kind's own)")
+    p.add_argument("--max-prompt-tokens", type=int, help="keep prompt lengths <= this (the "
+                   "long kind's 4k prompts are slow to prefill on a CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", type=Path, help="an earlier run's JSON on the same prompts")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--markdown", type=Path, help="write the table here too")
+    return p
+
+
+def eval_prompts(engine: Engine, args: argparse.Namespace) -> dict[str, tuple[Kind, list]]:
+    """Per kind: (the kind as run, its held-out prompts' token ids), the same for one seed."""
+    tok = engine.tokenizer
+    files = held_out_files()
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+    out: dict[str, tuple[Kind, list]] = {}
+    for i, name in enumerate(args.kinds):
+        if name == README_KIND:
+            kind = Kind(README_KIND, lambda *_: None, (), max_tokens=README_MAX_TOKENS)
+            prompts = [engine.encode(README_EXAMPLE.read_text(), chat_template=False)]
+        else:
+            kind = KINDS[name]
+            if args.max_prompt_tokens:
+                lengths = tuple(n for n in kind.lengths if n <= args.max_prompt_tokens)
+                kind = replace(kind, lengths=lengths or kind.lengths[:1])
+            prompts = sample_prompts(kind, files, encode_batch, args.n,
+                                     random.Random(args.seed + i), tok.bos_token_id)
+        if args.max_tokens:
+            kind = replace(kind, max_tokens=args.max_tokens)
+        out[name] = (kind, prompts)
+    return out
+
+
+def run_prompt(engine: Engine, kind: Kind, prompt: list[int], blocks: list[int],
+               reference: list[int] | None) -> dict[str, Any]:
+    """The AR answer (or the baseline's) and, per block size, fused tau and losslessness."""
+    opts = RunOptions(max_tokens=kind.max_tokens, stop=kind.stop)
+    if reference is None:
+        reference = engine.run("ar", prompt, opts).tokens
+    row: dict[str, Any] = {"prompt_tokens": len(prompt), "answer_tokens": len(reference),
+                           "answer": reference, "blocks": {}}
+    for b in blocks:
+        t = time.perf_counter()
+        result = engine.run("fused", prompt, replace(opts, block_size=b))
+        row["blocks"][str(b)] = {
+            "tau": result.stats.mean_accept_len, "rounds": len(result.stats.accepted),
+            "committed": sum(a + 1 for a in result.stats.accepted),
+            "lossless": result.tokens == reference, "seconds": time.perf_counter() - t}
+    return row
+
+
+def summarise(rows: list[dict[str, Any]], blocks: list[int]) -> dict[str, Any]:
+    """Per block: tau's mean and median over prompts that drafted at all, pooled tau, and how
+    many prompts were lossless."""
+    out = {}
+    for b in map(str, blocks):
+        runs = [r["blocks"][b] for r in rows]
+        taus = [r["tau"] for r in runs if r["rounds"]]
+        rounds = sum(r["rounds"] for r in runs)
+        out[b] = {"mean_tau": statistics.fmean(taus) if taus else float("nan"),
+                  "median_tau": statistics.median(taus) if taus else float("nan"),
+                  "pooled_tau": sum(r["committed"] for r in runs) / rounds if rounds
+                  else float("nan"),
+                  "lossless": sum(r["lossless"] for r in runs), "prompts": len(runs)}
+    return out
+
+
+def markdown(result: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """One row per kind: mean tau per block (baseline -> this), sizes, lossless count."""
+    blocks = result["blocks"]
+    head = ["kind", "prompts", "prompt tok", "answer tok (mean)", "cap"]
+    head += [f"tau B={b}" for b in blocks] + ["lossless"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, kind in result["kinds"].items():
+        rows, summary = kind["prompts"], kind["summary"]
+        before = baseline["kinds"].get(name, {}).get("summary", {}) if baseline else {}
+        cells = [name, str(len(rows)),
+                 f"{min(r['prompt_tokens'] for r in rows)}-"
+                 f"{max(r['prompt_tokens'] for r in rows)}",
+                 f"{statistics.fmean(r['answer_tokens'] for r in rows):.0f}",
+                 str(kind["max_tokens"])]
+        for b in map(str, blocks):
+            now = f"{summary[b]['mean_tau']:.2f}"
+            cells.append(f"{before[b]['mean_tau']:.2f} -> {now}" if b in before else now)
+        lossless = [summary[str(b)]["lossless"] for b in blocks]
+        cells.append(f"{min(lossless)}/{len(rows)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _reference(baseline: dict[str, Any] | None, name: str, i: int,
+               prompt: list[int]) -> list[int] | None:
+    """The baseline's AR answer to this very prompt, if it ran it."""
+    rows = baseline["kinds"].get(name, {}).get("prompts", []) if baseline else []
+    if i < len(rows) and rows[i]["prompt"] == prompt:
+        return rows[i]["answer"]
+    return None
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = json.loads(args.baseline.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read --baseline {args.baseline}: {exc}") from None
+    engine = Engine.load(args.model, args.draft)
+    for b in args.blocks:
+        engine.block_size(b)  # one error line for a width the drafter cannot run
+    result: dict[str, Any] = {
+        "argv": sys.argv, "drafter": str(engine.drafter_info.path),
+        "drafter_sha256": engine.drafter_info.sha256, "model_sha256": engine.model_info.sha256,
+        "dtype": engine.model_info.dtype, "blocks": args.blocks, "seed": args.seed,
+        "baseline": str(args.baseline) if args.baseline else None, "kinds": {}}
+    for name, (kind, prompts) in eval_prompts(engine, args).items():
+        rows = []
+        for i, prompt in enumerate(prompts):
+            row = run_prompt(engine, kind, prompt, args.blocks,
+                             _reference(baseline, name, i, prompt))
+            rows.append({"prompt": prompt, **row})
+            taus = " ".join(f"{row['blocks'][str(b)]['tau']:.2f}" for b in args.blocks)
+            print(f"{name} {i}: {len(prompt)} + {row['answer_tokens']} tokens, tau {taus}",
+                  file=sys.stderr, flush=True)
+        result["kinds"][name] = {"max_tokens": kind.max_tokens, "stop": list(kind.stop),
+                                 "prompts": rows, "summary": summarise(rows, args.blocks)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    table = markdown(result, baseline)
+    if args.markdown:
+        args.markdown.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Prompt kinds and the mixing recipe: each kind cuts what its use looks like (torch-free)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mlx_engine.errors import UserError
+from mlx_engine.training.kinds import GEMMA_TURNS, KINDS, Source, sample_prompts
+from mlx_engine.training.mix import parse_mix, split_counts
+
+MODULE = '''"""A module of helpers.
+
+It holds a few functions. Each one is small, and each one is documented at length so
+that the prose kind has sentences to cut at: this is the second sentence. And a third.
+"""
+
+
+def add_numbers(a, b):
+    """Return the sum of two numbers given as arguments."""
+    total = int(a) + int(b) + sum((0, 0, 0, 0, 0, 0))
+    if total > 100:
+        total = total - 100
+    return total
+
+
+def _private(x):
+    """Not a public helper, so never a chat request."""
+    return x
+'''
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    paths = [tmp_path / f"m{k}.py" for k in range(3)]
+    for p in paths:
+        p.write_text(MODULE)
+    return paths
+
+
+def chars(texts: list[str]) -> list[list[int]]:
+    return [[ord(c) for c in t] for t in texts]
+
+
+def text(ids: list[int]) -> str:
+    return "".join(map(chr, ids[1:]))
+
+
+def test_chat_prompts_are_requests_in_gemma_turns_from_public_docstrings(files):
+    prompts = sample_prompts(KINDS["chat"], files, chars, 12, random.Random(0), 1)
+    head, tail = GEMMA_TURNS.split("{}")
+    for p in prompts:
+        request = text(p)
+        assert request.startswith(head) and request.endswith(tail)
+        assert "`add_numbers`" in request and "Return the sum of two numbers" in request
+        assert "_private" not in request
+    assert len({text(p) for p in prompts}) > 1  # several request templates
+
+
+def test_short_prompts_end_inside_a_line_after_a_cut_mark(files):
+    kind = replace(KINDS["short"], lengths=(30,))
+    for p in sample_prompts(kind, files, chars, 10, random.Random(1), 1):
+        assert len(p) == 30
+        last = text(p).rsplit("\n", 1)[-1]
+        assert last.endswith(("= ", "return ", "(")) and last.strip()
+
+
+def test_prose_prompts_are_docstring_text_up_to_a_sentence_end(files):
+    kind = replace(KINDS["prose"], lengths=(40,))
+    for p in sample_prompts(kind, files, chars, 10, random.Random(2), 1):
+        assert len(p) == 40 and text(p)[-1] in ".:"
+        assert text(p) in MODULE.replace('"""', "")
+
+
+def test_long_prompts_that_no_file_can_fill_are_one_error(files):
+    with pytest.raises(UserError, match="could not cut 2 long prompts"):
+        sample_prompts(KINDS["long"], files, chars, 2, random.Random(0), 1)
+
+
+def test_the_mix_is_normalised_and_shared_out_exactly():
+    mix = parse_mix("function_body=3,chat=1,prose=0")
+    assert mix == {"function_body": 0.75, "chat": 0.25}
+    assert split_counts(10, mix) == {"function_body": 8, "chat": 2}
+    assert sum(split_counts(7, parse_mix("excerpt=1,long=1,short=1")).values()) == 7
+    for bad in ("poetry=1", "chat=x", "chat=-1", "chat=0"):
+        with pytest.raises(UserError):
+            parse_mix(bad)
+
+
+def test_a_source_finds_each_kinds_spots(files):
+    src = Source(files[0])
+    assert src.body_starts and src.short_spots
+    assert [(k, n) for k, n, _ in src.docstrings] == [
+        ("module", ""), ("function", "add_numbers"), ("function", "_private")]
