@@ -107,7 +107,7 @@ install_package() {
     run "$PYTHON" -m venv "$VENV"
   fi
   run "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  run "$VENV/bin/python" -m pip install --quiet -e "$REPO_DIR"
+  run "$VENV/bin/python" -m pip install --quiet -e "${REPO_DIR}[server]"  # server-throughput preset
 }
 
 link_model() {

@@ -5,10 +5,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import mlx.core as mx
+from jinja2 import TemplateError
+from mlx_lm.generate import generation_stream, wired_limit
 
 from .drafter import DFlashDrafter, load_drafter
 from .drafter_config import check_compatible
@@ -22,7 +26,9 @@ from .policy import (
     WidthScript,
     calibration_widths,
 )
+from .prompt_cache import PromptCache
 from .proposer import DFlashDraftSource, DraftHead, load_draft_vocab
+from .response import GenerationResponse, TextStream
 from .sampling import SamplingParams
 from .sources import DEFAULT, DEFAULT_QUANTIZED, dir_sha256, resolve_drafter, resolve_model
 from .speculative import DecodeStats, GraphMode, ar_stream, fused_stream
@@ -32,6 +38,9 @@ from .verifier import Verifier
 WARMUP_PROMPT = list(range(3, 35))
 CALIBRATION_CYCLES = 3  # timed rounds per drafting width
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+CLEAR_CACHE_EVERY = 256  # tokens between frees of MLX's buffer cache (mlx-lm's cadence)
+Mode = Literal["fused", "ar"]
+Prompt = str | list[dict[str, str]] | list[int]  # text, a conversation, or token ids
 
 
 def default_dtype() -> str:
@@ -144,7 +153,11 @@ class Engine:
         if isinstance(prompt, list):
             if not self.has_chat_template:
                 raise UserError("a conversation needs a tokenizer with a chat template")
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+            try:
+                return list(self.tokenizer.apply_chat_template(prompt,
+                                                               add_generation_prompt=True))
+            except TemplateError as exc:  # e.g. roles that do not alternate
+                raise UserError(f"the chat template rejects this conversation: {exc}") from None
         if not prompt.strip():
             raise UserError("the prompt is empty")
         if chat_template and not self.has_chat_template:
@@ -177,33 +190,101 @@ class Engine:
             return FixedWidth(self.block_size(block_size))
         return block_size
 
-    def stream(self, mode: str, prompt: list[int], opts: RunOptions,
-               stats: DecodeStats) -> Iterator[list[int]]:
-        common = dict(params=opts.sampling, stop_ids=self.stop_ids(opts.ignore_eos),
-                      seed=opts.seed, stats=stats)
-        if mode == "ar":
-            return ar_stream(self.verifier, prompt, opts.max_tokens, **common)
-        source = DFlashDraftSource(self.drafter, self.verifier, self.draft_head)
-        return fused_stream(self.verifier, source, prompt, opts.max_tokens,
-                            self.policy(opts.block_size), graph=opts.graph,
-                            profile=opts.profile, **common)
+    def generate(self, prompt: Prompt, *, options: RunOptions | None = None,
+                 mode: Mode | None = None, prompt_cache: PromptCache | None = None,
+                 ) -> Iterator[GenerationResponse]:
+        """Stream one completion: a response per committed round, the last one with the
+        finish reason and the run's stats. `mode`: fused (the default with a drafter) or
+        plain AR; `prompt_cache`: rows of the previous sequence to reuse where this prompt
+        starts like it (and to keep this one's in). Bad input raises UserError here, before
+        anything runs."""
+        opts = options or RunOptions()
+        mode = mode or ("ar" if self.drafter is None else "fused")
+        if mode not in ("fused", "ar"):
+            raise UserError(f"mode must be fused or ar, not {mode!r}")
+        if opts.max_tokens < 1:
+            raise UserError(f"max_tokens must be >= 1, not {opts.max_tokens}")
+        is_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+        ids = list(prompt) if is_ids else self.encode(prompt)
+        if not ids:
+            raise UserError("the prompt is empty")
+        policy = None
+        if mode == "fused":
+            # A seeded sample must repeat, and it depends on where rounds start: it cannot
+            # follow the adaptive policy, whose widths follow measured time.
+            seeded = opts.seed is not None and not opts.sampling.greedy
+            fixed = self.block_size(None) if seeded and opts.block_size is None else None
+            policy = self.policy(fixed or opts.block_size)
+        return self._responses(ids, opts, policy, prompt_cache)
 
-    def run(self, mode: str, prompt: list[int], opts: RunOptions,
-            on_tokens: Callable[[list[int]], None] | None = None) -> RunResult:
+    def _responses(self, prompt: list[int], opts: RunOptions, policy: WidthPolicy | None,
+                   prompt_cache: PromptCache | None) -> Iterator[GenerationResponse]:
         stats = DecodeStats()
-        tokens: list[int] = []
+        stop_ids = self.stop_ids(opts.ignore_eos)
+        rows = None if prompt_cache is None else prompt_cache.take(prompt, policy is not None)
+        cache = self.verifier.make_cache() if rows is None else rows.verifier
+        common = dict(params=opts.sampling, stop_ids=stop_ids, seed=opts.seed, stats=stats,
+                      cache=cache)
+        source = None
+        if policy is None:
+            loop = ar_stream(self.verifier, prompt, opts.max_tokens, **common)
+        else:
+            source = DFlashDraftSource(self.drafter, self.verifier, self.draft_head,
+                                       None if rows is None else rows.drafter)
+            loop = fused_stream(self.verifier, source, prompt, opts.max_tokens, policy,
+                                graph=opts.graph, profile=opts.profile, **common)
         stop = StopStrings(self.tokenizer, opts.stop)
-        for chunk in self.stream(mode, prompt, opts, stats):
-            tokens.extend(chunk)
-            if (end := stop.end(tokens, len(chunk))) is not None:
-                chunk = chunk[: len(chunk) - (len(tokens) - end)]
-                del tokens[end:]
-                stats.new_tokens, stats.finish_reason = end, "stop"
-            if on_tokens is not None:
-                on_tokens(chunk)
-            if end is not None:
-                break
-        return RunResult(tokens, stats)
+        text = TextStream(self.tokenizer, opts.stop, self.stop_ids(ignore_eos=False))
+        tokens: list[int] = []
+
+        def keep_rows() -> None:
+            if prompt_cache is not None:
+                prompt_cache.put(prompt + tokens, cache, None if source is None else source.cache)
+
+        mx.reset_peak_memory()
+        try:
+            with closing(loop), wired_limit(self.verifier.model, [generation_stream]):
+                rounds = 0
+                for chunk in loop:
+                    # a drafted round appended its accepted count before yielding
+                    drafted = stats.accepted[-1] if len(stats.accepted) > rounds else 0
+                    rounds = len(stats.accepted)
+                    before = len(tokens)
+                    tokens.extend(chunk)
+                    finish = None
+                    if (end := stop.end(tokens, len(chunk))) is not None:
+                        chunk = chunk[: end - before]
+                        del tokens[end:]
+                        stats.new_tokens, finish = end, "stop"
+                    elif chunk[-1] in stop_ids:
+                        finish = "stop"
+                    elif stats.new_tokens >= opts.max_tokens:
+                        finish = "length"
+                    if len(tokens) // CLEAR_CACHE_EVERY > before // CLEAR_CACHE_EVERY:
+                        mx.clear_cache()
+                    if finish is not None:
+                        stats.finish_reason = finish
+                        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+                    yield GenerationResponse(text.add(chunk, finish is not None), chunk,
+                                             min(drafted, len(chunk)), finish,
+                                             None if finish is None else stats)
+                    if finish is not None:
+                        break
+        except GeneratorExit:  # the consumer stopped between rounds: the rows are whole
+            keep_rows()
+            raise
+        keep_rows()
+
+    def run(self, mode: Mode, prompt: list[int], opts: RunOptions,
+            on_text: Callable[[str], None] | None = None) -> RunResult:
+        """Every token of one run and its stats: `generate`, collected (`on_text` sees the
+        text as it comes)."""
+        tokens: list[int] = []
+        for response in self.generate(prompt, options=opts, mode=mode):
+            tokens.extend(response.tokens)
+            if on_text is not None:
+                on_text(response.text)
+        return RunResult(tokens, response.stats)
 
     def calibrate(self, graph: GraphMode = "two-phase") -> RoundCosts:
         """Time rounds on this device for the adaptive policy (and warm both loops up): AR
@@ -215,7 +296,7 @@ class Engine:
         opts = RunOptions(max_tokens=sum(script.plan) + 2, ignore_eos=True, block_size=script,
                           graph=graph)
         rounds = self._ar_laps()
-        for _ in self.stream("fused", WARMUP_PROMPT, opts, DecodeStats()):
+        for _ in self.generate(WARMUP_PROMPT, options=opts, mode="fused"):
             if script.done:
                 break
         rounds += script.rounds[len(widths):] + self._ar_laps()
@@ -225,8 +306,8 @@ class Engine:
     def _ar_laps(self, steps: int = 10) -> list[tuple[int, float]]:
         """(1, seconds) per AR step of a short oracle run, after its first (pipeline fill)."""
         opts = RunOptions(max_tokens=steps + 1, ignore_eos=True)
-        return [(1, lap) for lap in _laps(self.stream("ar", WARMUP_PROMPT, opts,
-                                                      DecodeStats()))[1:]]
+        laps = _laps(r.tokens for r in self.generate(WARMUP_PROMPT, options=opts, mode="ar"))
+        return [(1, lap) for lap in laps[1:]]
 
     def warmup(self, opts: RunOptions) -> None:
         """Compile kernels and size buffers once so the timed runs compare steady states; with

@@ -78,8 +78,9 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 def _report(mode: str, prompt_len: int, result: RunResult, engine: Engine) -> str:
     s = result.stats
-    line = (f"[{mode}] prompt {prompt_len} tok, prefill {prompt_len / max(s.prefill_s, 1e-9):.1f}"
-            f" tok/s | decode {len(result.tokens)} tok, {s.decode_tok_s:.2f} tok/s")
+    line = (f"[{mode}] prompt {prompt_len} tok, prefill {s.prefill_tok_s:.1f} tok/s | decode "
+            f"{len(result.tokens)} tok, {s.decode_tok_s:.2f} tok/s | peak "
+            f"{s.peak_memory_gb:.2f} GB")
     if mode == "fused":
         line += f" | {s.blocks} blocks, tau {s.mean_accept_len:.2f}"
         if s.blocks and engine.round_costs is not None:
@@ -112,20 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warmed up{' and timed rounds for the width policy' if block_size else ''} in "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    detok = engine.tokenizer.detokenizer
-    detok.reset()
-    hidden = engine.stop_ids(ignore_eos=False)  # like mlx-lm: a stop token is not printed
-
-    def stream(tokens: list[int]) -> None:
-        for t in tokens:
-            if t not in hidden:
-                detok.add_token(t)
-        print(detok.last_segment, end="", flush=True)
-
     first = "ar" if args.mode == "ar" else "fused"
-    results = {first: engine.run(first, prompt, opts, on_tokens=stream)}
-    detok.finalize()
-    print(detok.last_segment, flush=True)
+    results = {first: engine.run(first, prompt, opts,
+                                 on_text=lambda text: print(text, end="", flush=True))}
+    print(flush=True)
     if args.mode == "both":
         results["ar"] = engine.run("ar", prompt, opts)
 

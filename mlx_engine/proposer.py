@@ -64,10 +64,11 @@ class DFlashDraftSource:
     """Context cache + drafting for one sequence."""
 
     def __init__(self, drafter: DFlashDrafter, verifier: Verifier,
-                 head: DraftHead | None = None):
+                 head: DraftHead | None = None, cache: list[KVCache] | None = None):
+        """`cache`: context rows of an earlier sequence's prefix to continue from."""
         self.drafter = drafter
         self.verifier = verifier
-        self.cache: list[KVCache] = drafter.make_context_cache()
+        self.cache: list[KVCache] = drafter.make_context_cache() if cache is None else cache
         self.mask = mx.array([drafter.config.mask_token_id], dtype=mx.int32)
         head = head or DraftHead(verifier)
         self.vocab_ids, self.head = head.vocab_ids, head.project

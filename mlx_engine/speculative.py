@@ -33,6 +33,7 @@ GREEDY = SamplingParams()
 @dataclass
 class DecodeStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens a prompt cache already held (not prefilled)
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -45,6 +46,18 @@ class DecodeStats:
     verify_s: float = 0.0
     extend_s: float | None = None
     finish_reason: str = "length"
+    peak_memory_gb: float = 0.0  # set by Engine.generate: the device's peak during the run
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens prefilled (a prompt cache's excluded) per second of prefill."""
+        done = self.prompt_tokens - self.cached_tokens
+        return done / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def rounds(self) -> int:
+        """Target forwards after prefill: drafted blocks and plain AR steps."""
+        return self.blocks + self.ar_steps
 
     @property
     def decode_tok_s(self) -> float:
@@ -126,9 +139,15 @@ def _prefill(
     params: SamplingParams,
     key: mx.array,
     stats: DecodeStats,
+    cache: list[KVCache] | None,
 ) -> tuple[list[KVCache], int]:
+    """Fill the cache with the prompt (past the rows a prompt cache already holds) and pick
+    the first new token."""
     start = time.perf_counter()
-    cache = verifier.make_cache()
+    cache = verifier.make_cache() if cache is None else cache
+    cached = cache[0].offset
+    if cached and cached >= len(prompt):
+        raise ValueError(f"a prompt cache of {cached} rows for a {len(prompt)}-token prompt")
     on_taps = None
     if source is not None:
 
@@ -136,9 +155,9 @@ def _prefill(
             source.extend(taps)
             mx.eval(source.pending())
 
-    logits = verifier.prefill(mx.array([prompt], dtype=mx.int32), cache, on_taps)
+    logits = verifier.prefill(mx.array([prompt[cached:]], dtype=mx.int32), cache, on_taps)
     first = pick(logits[0, -1], params, key).item()
-    stats.prompt_tokens = len(prompt)
+    stats.prompt_tokens, stats.cached_tokens = len(prompt), cached
     stats.prefill_s = time.perf_counter() - start
     return cache, first
 
@@ -152,11 +171,15 @@ def ar_stream(
     stop_ids: frozenset[int] = frozenset(),
     seed: int | None = None,
     stats: DecodeStats | None = None,
+    cache: list[KVCache] | None = None,
 ) -> Iterator[list[int]]:
-    """Plain incremental decoding, pipelined like mlx-lm's generate_step: the oracle."""
+    """Plain incremental decoding, pipelined like mlx-lm's generate_step: the oracle.
+
+    `cache`, if given, already holds the prompt's first `offset` tokens (a prompt cache's).
+    """
     stats = stats if stats is not None else DecodeStats()
     keys = _keys(seed)
-    cache, first = _prefill(verifier, prompt, None, params, next(keys), stats)
+    cache, first = _prefill(verifier, prompt, None, params, next(keys), stats, cache)
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
 
@@ -237,14 +260,18 @@ def fused_stream(
     graph: GraphMode = "two-phase",
     profile: bool = False,
     stats: DecodeStats | None = None,
+    cache: list[KVCache] | None = None,
 ) -> Iterator[list[int]]:
     """Speculative decoding with a block drafter; token-identical to `ar_stream` when greedy.
 
     `policy` sets each round's width: 2..B verifies a drafted block, 1 takes plain AR steps.
+    Each drafted round appends its accepted-draft count to `stats.accepted` before it yields.
+    `cache`, if given, already holds the prompt's first `offset` tokens, and `source` their
+    drafter context rows (a prompt cache's).
     """
     stats = stats if stats is not None else DecodeStats()
     keys = _keys(seed)
-    cache, first = _prefill(verifier, prompt, source, params, next(keys), stats)
+    cache, first = _prefill(verifier, prompt, source, params, next(keys), stats, cache)
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
     anchor = first

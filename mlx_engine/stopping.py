@@ -30,3 +30,10 @@ class StopStrings:
             return None
         return next(n for n in range(len(tokens) - new + 1, len(tokens) + 1)
                     if self._hit(tokens[start:n]))
+
+
+def partial_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that may be the start of a stop string: a stream
+    holds it back until the next tokens tell (a client must never see part of a stop)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)

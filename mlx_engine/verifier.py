@@ -186,6 +186,7 @@ class Verifier:
             if on_taps is not None and taps is not None:
                 on_taps(taps)
             mx.eval(h, *[c.state for c in cache])
+            mx.clear_cache()  # as mlx-lm prefills: a long prompt's chunk buffers go back
         return self.head(h[:, -1:, :])
 
     def check_adapter(self) -> None:

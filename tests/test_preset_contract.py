@@ -11,12 +11,13 @@ import argparse
 import pytest
 
 from bridge.presets import default_presets_dir, load_presets
-from mlx_engine import bench, generate, parity
+from mlx_engine import bench, generate, parity, server_bench
 
 PARSERS = {
     "mlx_engine.generate": generate.build_parser,
     "mlx_engine.bench": bench.build_parser,
     "mlx_engine.parity": parity.build_parser,
+    "mlx_engine.server_bench": server_bench.build_parser,
 }
 PRESETS = load_presets(default_presets_dir())
 

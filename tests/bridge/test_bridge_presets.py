@@ -21,7 +21,7 @@ from bridge.safety import unsafe_reason
 
 SHIPPED = {"bridge-selftest", "k3-fused-allmlx-code", "k3-fused-allmlx-natural",
            "k3-step2-fused-allmlx", "k3-step1-incremental", "k3-drafter-parity",
-           "k3-fused-singlefused-probe"}
+           "k3-fused-singlefused-probe", "server-throughput"}
 
 
 def test_shipped_presets_load_and_render_with_the_offline_pair(hermetic):

@@ -79,7 +79,7 @@ def test_setup_mac_dry_run_prints_every_action_and_changes_nothing(hermetic, tmp
                 "--verifier", str(model), "--venv", str(venv), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    for action in (f"-m venv {venv}", f"{venv}/bin/python -m pip install --quiet -e {ROOT}",
+    for action in (f"-m venv {venv}", f"{venv}/bin/python -m pip install --quiet -e {ROOT}[server]",
                    f"mkdir -p {hermetic}/kakeya-models",
                    f"ln -sfn {model} {hermetic}/kakeya-models/verifier",
                    "./config.sh --unattended --url https://github.com/o/r --token *** "
