@@ -25,7 +25,7 @@ _VALUE_FLAGS = ("--branch-prefix", "--branch-suffix")
 
 def _join_flag_values(argv: list[str]) -> list[str]:
     """`--branch-suffix -b876` -> `--branch-suffix=-b876`: argparse would read `-b876` as an
-    option (an earlier bridge failed that way); these flags always take a value, so join it."""
+    option and fail; these flags always take a value, so join it."""
     out: list[str] = []
     it = iter(argv)
     for arg in it:

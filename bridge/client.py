@@ -24,7 +24,7 @@ from typing import Any
 from bridge import busview, gitbus, manifest, report, seal
 from bridge.gitbus import HEADS, GitError
 from bridge.ledger import Debt
-from bridge.presets import Preset, load_presets, models_root
+from bridge.presets import Preset, find_preset, former_names, load_presets, models_root
 from bridge.publish import RESULTS_NS, Link, deliver, result_commit
 from bridge.safety import Rejected
 from bridge.schema import schema_errors
@@ -54,9 +54,14 @@ def repo_root() -> Path:
 
 
 def preset_named(presets: Mapping[str, Preset], name: str) -> Preset:
-    if name not in presets:
+    """The preset `name` calls, saying so on stderr when it is a former name."""
+    preset = find_preset(presets, name)
+    if preset is None:
         raise Rejected([f"preset: unknown preset {name!r} (see `kakeya_mac presets`)"])
-    return presets[name]
+    if preset.name != name:
+        print(f"note: preset {name} is now called {preset.name}; the old name is accepted "
+              "until kakeya-mlx 0.2", file=sys.stderr)
+    return preset
 
 
 def parse_params(preset: Preset, texts: list[str]) -> dict[str, Any]:
@@ -253,7 +258,9 @@ def cancel(repo: Path, remote: str, request_id: str) -> int:
 def describe_presets(presets: Mapping[str, Preset]) -> str:
     lines = []
     for preset in presets.values():
-        lines += [f"{preset.name}  (timeout {preset.timeout_s}s)", f"    {preset.description}"]
+        formerly = "".join(f", formerly {old}" for old in former_names(preset.name))
+        lines += [f"{preset.name}  (timeout {preset.timeout_s}s{formerly})",
+                  f"    {preset.description}"]
         for p in preset.params.values():
             kind = f"{p.type} {p.min:g}..{p.max:g}" if p.type in ("int", "float") else p.type
             if p.type == "enum":

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.presets import Preset
+from bridge.presets import Preset, find_preset
 from bridge.safety import Rejected, unsafe_reason
 from bridge.schema import schema_errors
 
@@ -60,11 +60,12 @@ def validate(doc: Any, presets: Mapping[str, Preset]) -> Request:
     if reasons := [f"{where}: {why}" for where, value in _strings(doc)
                    if (why := unsafe_reason(value))]:
         raise Rejected(reasons)
-    preset = presets.get(doc["preset"])
+    preset = find_preset(presets, doc["preset"])
     if preset is None:
         raise Rejected([f"preset: unknown preset {doc['preset']!r}"])
-    if not doc["request_id"].startswith(f"{preset.name}-"):
-        raise Rejected([f"request_id: must start with the preset name {preset.name!r}"])
+    # The name as the request gives it: a former name (presets.RENAMED) names its ids too.
+    if not doc["request_id"].startswith(f"{doc['preset']}-"):
+        raise Rejected([f"request_id: must start with the preset name {doc['preset']!r}"])
     return Request(
         request_id=doc["request_id"],
         preset=preset,

@@ -28,6 +28,17 @@ _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _BOOL_TEXT = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
+# Former preset name -> current name. Accepted through kakeya-mlx 0.1.x so that requests and
+# scripts written against the old names keep running; removed in 0.2 (docs/bridge.md).
+RENAMED = {
+    "k3-fused-allmlx-code": "bench-code",
+    "k3-fused-allmlx-natural": "bench-natural",
+    "k3-step2-fused-allmlx": "bench-overgen",
+    "k3-step1-incremental": "ar-baseline",
+    "k3-drafter-parity": "drafter-parity",
+    "k3-fused-singlefused-probe": "graph-mode-probe",
+}
+
 
 class PresetError(UserError):
     """A preset file is malformed: the repository's fault, never the request's."""
@@ -223,6 +234,15 @@ def load_presets(directory: Path) -> dict[str, Preset]:
     if not directory.is_dir():
         raise PresetError(f"presets directory not found: {directory} (pass --presets-dir)")
     return {p.name: p for p in map(load_preset, sorted(directory.glob("*.yaml")))}
+
+
+def find_preset(presets: Mapping[str, Preset], name: str) -> Preset | None:
+    """The preset called `name`, or the one a former name now belongs to."""
+    return presets.get(name) or presets.get(RENAMED.get(name, name))
+
+
+def former_names(name: str) -> list[str]:
+    return [old for old, new in RENAMED.items() if new == name]
 
 
 def load_preset(path: Path) -> Preset:

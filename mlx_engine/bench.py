@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import blas, evidence, workloads
+from . import blas, evidence, peers, workloads
 from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
 from .sources import DEFAULT
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every arm this many times per prompt and keep each arm's run of "
                         "median speed (for short answers on a noisy machine)")
     p.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm arm")
+    p.add_argument("--peers", default=None,
+                   help=f"comma-separated peer DFlash runtimes run as more arms on the same pair: "
+                        f"{', '.join(peers.NAMES)} (pip install '.[peers]'); one that cannot "
+                        f"run here is recorded with why")
     p.add_argument("--no-profile", action="store_true", help="skip the profiled fused runs")
     p.add_argument("--openblas", action="store_true",
                    help="re-run this command with OpenBLAS interposed (Linux CPU)")
@@ -116,23 +120,29 @@ def mlx_lm_run(engine: Engine, prompt: list[int], opts: RunOptions,
 class Bench:
     """One loaded engine, its options and the per-prompt runs."""
 
-    def __init__(self, engine: Engine, args: argparse.Namespace, fixed: int | None):
+    def __init__(self, engine: Engine, args: argparse.Namespace, fixed: int | None,
+                 peer_arms: list[peers.Peer | peers.Unavailable] | None = None):
         self.engine, self.args = engine, args
         self.width = engine.block_size(fixed)  # the widest block either way
-        self.arms = [a for a in ARMS if a != "mlx_lm" or not args.no_mlx_lm]
+        self.peers = peer_arms or []
+        self.running = {p.name: p for p in self.peers if isinstance(p, peers.Peer)}
+        self.arms = [a for a in ARMS if a != "mlx_lm" or not args.no_mlx_lm] + list(self.running)
         self.base = RunOptions(max_tokens=args.max_tokens, block_size=fixed, graph=args.graph)
 
     def warmup(self) -> None:
         self.engine.warmup(self.base)
         if "mlx_lm" in self.arms:
             mlx_lm_run(self.engine, WARMUP_PROMPT, RunOptions(max_tokens=8, ignore_eos=True))
+        for peer in self.running.values():
+            peer.run(WARMUP_PROMPT, replace(self.base, max_tokens=8, ignore_eos=True))
 
     def _runs(self, index: int, ids: list[int], opts: RunOptions
-              ) -> tuple[dict[str, RunResult], dict[str, float], bool]:
+              ) -> tuple[dict[str, RunResult], dict[str, float], bool, dict[str, list[float]]]:
         """Each arm `--repeats` times, in an order rotated per prompt and per repeat; per arm
         the run of median decode speed (a short answer's few steps are at the mercy of other
-        load), and whether every fused run equalled AR. Each fused repeat starts from the
-        acceptance the engine had before this prompt: it must not learn the prompt itself."""
+        load), whether every fused run equalled AR, and every repeat's decode speed. Each fused
+        repeat starts from the acceptance the engine had before this prompt: it must not
+        learn the prompt itself."""
         before = copy.deepcopy(self.engine.acceptance)
         all_runs: dict[str, list[tuple[RunResult, dict[str, float]]]] = {}
         for r in range(self.args.repeats):
@@ -140,6 +150,8 @@ class Bench:
             for arm in self.arms[shift:] + self.arms[:shift]:
                 if arm == "mlx_lm":
                     run, extra = mlx_lm_run(self.engine, ids, opts)
+                elif arm in self.running:
+                    run, extra = self.running[arm].run(ids, opts), {}
                 else:
                     if arm == "fused" and r > 0:
                         self.engine.acceptance = copy.deepcopy(before)
@@ -149,13 +161,15 @@ class Bench:
                   for arm, got in all_runs.items()}
         ar = median["ar"][0].tokens
         lossless = all(run.tokens == ar for run, _ in all_runs["fused"])
+        speeds = {arm: [run.stats.decode_tok_s for run, _ in got]
+                  for arm, got in all_runs.items()}
         return ({arm: run for arm, (run, _) in median.items()},
-                median.get("mlx_lm", (None, {}))[1], lossless)
+                median.get("mlx_lm", (None, {}))[1], lossless, speeds)
 
     def sample(self, index: int, prompt: workloads.Prompt, ids: list[int]) -> dict[str, Any]:
         opts = replace(self.base, ignore_eos=prompt.ignore_eos or self.args.ignore_eos,
                        stop=tuple(prompt.stop or ()))
-        runs, extra, lossless = self._runs(index, ids, opts)
+        runs, extra, lossless, speeds = self._runs(index, ids, opts)
         profiled = None
         if not self.args.no_profile:  # its extra sync per block must not teach the policy
             policy = self.engine.policy(opts.block_size, learn=False)
@@ -163,24 +177,29 @@ class Bench:
                                                              block_size=policy))
 
         ar, fused = runs["ar"], runs["fused"]
-        record = evidence.sample_record(prompt.id, len(ids), self.width, ar, fused)
-        record["lossless"] = lossless and (profiled is None or profiled.tokens == ar.tokens)
-        record["first_divergence"] = evidence.first_divergence(ar.tokens, fused.tokens)
-        record["source"] = prompt.source
-        record["finish_reason"] = ar.stats.finish_reason
-        record["mlx_lm"] = None
+        extensions: dict[str, Any] = {
+            "lossless": lossless and (profiled is None or profiled.tokens == ar.tokens),
+            "source": prompt.source, "finish_reason": ar.stats.finish_reason, "mlx_lm": None}
         if "mlx_lm" in runs:
-            record["mlx_lm"] = {**evidence.timing(runs["mlx_lm"]), **extra,
-                                "matches_ar": runs["mlx_lm"].tokens == ar.tokens,
-                                "first_divergence": evidence.first_divergence(
-                                    ar.tokens, runs["mlx_lm"].tokens)}
+            extensions["mlx_lm"] = {**evidence.timing(runs["mlx_lm"]), **extra,
+                                    "matches_ar": runs["mlx_lm"].tokens == ar.tokens,
+                                    "first_divergence": evidence.first_divergence(
+                                        ar.tokens, runs["mlx_lm"].tokens)}
+        if prompt.needle is not None:
+            text = self.engine.tokenizer.decode(ar.tokens)
+            extensions["retrieval"] = {"needle": prompt.needle, "found": prompt.needle in text}
+        record = evidence.sample_record(prompt.id, len(ids), self.width, ar, fused,
+                                        **extensions)
+        if self.args.repeats > 1:
+            for arm in ("ar", "fused"):
+                record[arm]["repeat_decode_tok_s"] = speeds[arm]
+        if self.peers:
+            record["peers"] = {p.name: peers.record(p, runs.get(p.name), ar.tokens)
+                               for p in self.peers}
         if profiled is not None:
             s = profiled.stats
             record["fused"]["profile"] = {"blocks": s.blocks, "decode_tok_s": s.decode_tok_s,
                                           "time_split_s": evidence.time_split(s)}
-        if prompt.needle is not None:
-            text = self.engine.tokenizer.decode(ar.tokens)
-            record["retrieval"] = {"needle": prompt.needle, "found": prompt.needle in text}
         return record
 
 
@@ -189,11 +208,28 @@ def bench_aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     paired = [s for s in samples if s.get("mlx_lm") and s["mlx_lm"]["decode_tok_s"] > 0]
     found = [s["retrieval"]["found"] for s in samples if s.get("retrieval")]
     return {
+        **per_prompt(samples),
         "mlx_lm_decode_tok_s": evidence.median([s["mlx_lm"]["decode_tok_s"] for s in paired]),
         "ar_vs_mlx_lm": evidence.median([s["ar"]["decode_tok_s"] / s["mlx_lm"]["decode_tok_s"]
                                  for s in paired]),
         "retrieval_rate": sum(found) / len(found) if found else None,
-    }
+    } | ({"peers": peers.aggregate(samples)} if any("peers" in s for s in samples) else {})
+
+
+def per_prompt(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prompts where fused decoding ran more than 5% slower than AR, beside the noise floor
+    under such per-prompt ratios (`--repeats` > 1): per prompt, its slowest AR repeat over its
+    fastest (below 0.95: AR lost to itself by more than 5%)."""
+    ratios = [s["fused"]["decode_tok_s"] / s["ar"]["decode_tok_s"] for s in samples
+              if s["ar"] and s["fused"] and s["ar"]["decode_tok_s"] > 0]
+    out: dict[str, Any] = {"fused_vs_ar_below_0_95": sum(r < 0.95 for r in ratios),
+                           "timed_prompts": len(ratios)}
+    spread = [min(r) / max(r) for s in samples
+              if len(r := s["ar"].get("repeat_decode_tok_s") or []) > 1 and min(r) > 0]
+    if spread:
+        out |= {"ar_vs_ar_min_median": evidence.median(spread),
+                "ar_vs_ar_below_0_95": sum(x < 0.95 for x in spread)}
+    return out
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -212,9 +248,13 @@ def summary(record: dict[str, Any]) -> str:
         line += (f", mlx-lm {num('mlx_lm_decode_tok_s', '.2f')} "
                  f"(our AR {num('ar_vs_mlx_lm', '.2f', 'x')})")
     line += f" | lossless {lossless}"
+    if a.get("timed_prompts"):
+        line += f" | below 0.95x AR: {a['fused_vs_ar_below_0_95']}/{a['timed_prompts']} prompts"
+    if a.get("ar_vs_ar_below_0_95") is not None:
+        line += f" (AR below 0.95x of itself: {a['ar_vs_ar_below_0_95']})"
     if a.get("retrieval_rate") is not None:
         line += f" | NIAH retrieval {a['retrieval_rate']:.0%}"
-    return line
+    return line + peers.summary(a.get("peers") or {})
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
@@ -297,9 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         blas.reexec_with_openblas(__spec__.name, argv)
     _check(args)
     fixed = _requested_width(args.block_size)
+    peer_names = peers.parse(args.peers)
     prompts = workloads.load(args.workload)[: args.n]
     engine = Engine.load(args.model, args.draft, args.dtype)
-    bench = Bench(engine, args, fixed)
+    bench = Bench(engine, args, fixed, peers.load(peer_names, engine))
+    for peer in bench.peers:
+        if isinstance(peer, peers.Unavailable):
+            print(f"peer {peer.name} unavailable: {peer.why}", file=sys.stderr)
     ids = [engine.encode(p.messages if p.messages and engine.has_chat_template else p.text,
                          args.chat_template) for p in prompts]
 
@@ -327,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                         lossless=all(s["lossless"] for s in samples))
 
     command = shlex.join(["python", "-m", __spec__.name, *argv])
-    record = evidence.build_record(engine, params, samples, bench.width, command=command)
-    record["workload"] = args.workload
-    record["aggregate"].update(bench_aggregate(samples))
+    record = evidence.build_record(engine, params, samples, bench.width, command=command,
+                                   workload=args.workload,
+                                   aggregate_extra=bench_aggregate(samples))
     print(summary(record), file=sys.stderr)
     if args.json is not None:
         evidence.write(record, args.json)

@@ -1,10 +1,10 @@
 """Which BLAS MLX's CPU backend runs on, and giving it a fast one on Linux by default.
 
-MLX's Linux CPU wheel ships a reference BLAS (~2.5 GFLOP/s): there, verifying L tokens costs
-about L decode steps, so no speculative method can win. MLX binds its `cblas_*gemm` calls
-when its library loads, so whatever library defines those symbols first in the process's
-global scope wins. `preload()` runs from `import mlx_engine`, before MLX loads, and puts
-OpenBLAS there:
+MLX's Linux CPU wheel ships a reference BLAS, tens of times slower than a tuned one: there,
+verifying L tokens costs about L decode steps, so no speculative method can win. MLX binds its
+`cblas_*gemm` calls when its library loads, so whatever library defines those symbols first in
+the process's global scope wins. `preload()` runs from `import mlx_engine`, before MLX loads,
+and puts OpenBLAS there:
 
 1. scipy-openblas32 (a dependency: an optimised OpenBLAS needing no Fortran runtime) behind
    the package's CBLAS shim (`blas_shim.c`, built at install), which maps the unprefixed names

@@ -13,6 +13,7 @@ from typing import Literal
 import mlx.core as mx
 from jinja2 import TemplateError
 from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.server import convert_chat
 
 from .drafter import DFlashDrafter, load_drafter
 from .drafter_config import check_compatible
@@ -29,7 +30,7 @@ from .policy import (
 from .prompt_cache import PromptCache
 from .proposer import DFlashDraftSource, DraftHead, load_draft_vocab
 from .response import GenerationResponse, TextStream
-from .sampling import SamplingParams
+from .sampling import SamplingParams, make_sampler
 from .sources import DEFAULT, DEFAULT_QUANTIZED, dir_sha256, resolve_drafter, resolve_model
 from .speculative import DecodeStats, GraphMode, ar_stream, fused_stream
 from .stopping import StopStrings
@@ -149,10 +150,12 @@ class Engine:
     def encode(self, prompt: str | list[dict[str, str]],
                chat_template: bool | None = None) -> list[int]:
         """Tokens for a text prompt (wrapped as a user turn when the tokenizer has a chat
-        template, unless told otherwise) or for a conversation (always templated)."""
+        template, unless told otherwise) or for a conversation: templated, or with no
+        template (a base model) in the plain `USER: ... ASSISTANT:` form mlx-lm's server
+        uses for such models."""
         if isinstance(prompt, list):
             if not self.has_chat_template:
-                raise UserError("a conversation needs a tokenizer with a chat template")
+                return list(self.tokenizer.encode(convert_chat(prompt)))
             try:
                 return list(self.tokenizer.apply_chat_template(prompt,
                                                                add_generation_prompt=True))
@@ -223,8 +226,8 @@ class Engine:
         stop_ids = self.stop_ids(opts.ignore_eos)
         rows = None if prompt_cache is None else prompt_cache.take(prompt, policy is not None)
         cache = self.verifier.make_cache() if rows is None else rows.verifier
-        common = dict(params=opts.sampling, stop_ids=stop_ids, seed=opts.seed, stats=stats,
-                      cache=cache)
+        common = dict(sampler=make_sampler(opts.sampling), stop_ids=stop_ids, seed=opts.seed,
+                      stats=stats, cache=cache)
         source = None
         if policy is None:
             loop = ar_stream(self.verifier, prompt, opts.max_tokens, **common)

@@ -1,12 +1,12 @@
 """`python -m mlx_engine.eval_drafter`: a drafter's engine tau per prompt kind, held out.
 
-The bench measures one prompt shape; a drafter tuned on it can fall apart on others (issue
-19). This runs the MLX engine itself on held-out prompts of each kind of `training.kinds`
-(cut from held-out stdlib files, the same way training cuts its own), each stopped the way its
-use stops (EOS, the kind's stop strings, its answer cap), plus the README's example. Per
-prompt: the AR oracle's answer, then fused decoding at each block size, checked token for
-token against it (lossless) with its acceptance length tau. Per kind: tau's mean over prompts
-(the target), its median and the pooled tau (committed tokens / verify rounds).
+The bench measures one prompt shape; a drafter tuned on it can fall apart on others. This
+runs the MLX engine itself on held-out prompts of each kind of `training.kinds` (cut from
+held-out stdlib files, the same way training cuts its own), each stopped the way its use
+stops (EOS, the kind's stop strings, its answer cap), plus the README's example. Per prompt:
+the AR oracle's answer, then fused decoding at each block size, checked token for token
+against it (lossless) with its acceptance length tau. Per kind: tau's mean over prompts (the
+target), its median and the pooled tau (committed tokens / verify rounds).
 
     python -m mlx_engine.eval_drafter --draft DIR --n 6 --json runs/after.json \\
         --markdown runs/after.md --baseline runs/before.json
@@ -37,7 +37,10 @@ from .workloads import DIR as WORKLOADS_DIR
 README_EXAMPLE = WORKLOADS_DIR / "example_prompt.py"
 README_KIND = "readme"
 README_MAX_TOKENS = 128  # the README's command
-DEFAULT_KINDS = ("function_body", "long", "chat", "prose", "short", README_KIND)
+DEFAULT_KINDS = ("function_body", "long", "chat", "prose", "short", "snippet", README_KIND)
+# A kind's prompts are drawn with `--seed` + its place here, whatever else runs beside it, so
+# kinds split over several processes get the prompts one run of them all would.
+SEED_ORDER = (*DEFAULT_KINDS, *(k for k in KINDS if k not in DEFAULT_KINDS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_prompts(engine: Engine, args: argparse.Namespace) -> dict[str, tuple[Kind, list]]:
-    """Per kind: (the kind as run, its held-out prompts' token ids), the same for one seed."""
+    """Per kind: (the kind as run, its held-out prompts' token ids), the same for one seed and
+    kind whichever other kinds are asked for."""
     tok = engine.tokenizer
     files = held_out_files()
 
@@ -69,7 +73,7 @@ def eval_prompts(engine: Engine, args: argparse.Namespace) -> dict[str, tuple[Ki
         return [tok.encode(t, add_special_tokens=False) for t in texts]
 
     out: dict[str, tuple[Kind, list]] = {}
-    for i, name in enumerate(args.kinds):
+    for name in args.kinds:
         if name == README_KIND:
             kind = Kind(README_KIND, lambda *_: None, (), max_tokens=README_MAX_TOKENS)
             prompts = [engine.encode(README_EXAMPLE.read_text(), chat_template=False)]
@@ -79,7 +83,8 @@ def eval_prompts(engine: Engine, args: argparse.Namespace) -> dict[str, tuple[Ki
                 lengths = tuple(n for n in kind.lengths if n <= args.max_prompt_tokens)
                 kind = replace(kind, lengths=lengths or kind.lengths[:1])
             prompts = sample_prompts(kind, files, encode_batch, args.n,
-                                     random.Random(args.seed + i), tok.bos_token_id)
+                                     random.Random(args.seed + SEED_ORDER.index(name)),
+                                     tok.bos_token_id)
         if args.max_tokens:
             kind = replace(kind, max_tokens=args.max_tokens)
         out[name] = (kind, prompts)

@@ -53,7 +53,7 @@ def git_sha(package: Path = Path(__file__).parent) -> str | None:
 
 def source_sha256(package: Path = Path(__file__).parent) -> str:
     """sha256 over the package's Python sources (relative path + bytes, sorted): names the code
-    where git cannot, e.g. a copy of the tree whose `.git` lags it (the lent GPU machines)."""
+    where git cannot, e.g. a copy of the tree shipped to another machine with a stale `.git`."""
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0")
@@ -122,8 +122,11 @@ def time_split(stats: DecodeStats) -> dict[str, float | None]:
 
 
 def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
-                  ar: RunResult | None, fused: RunResult | None) -> dict[str, Any]:
-    """One prompt's timings for each arm that ran, and the token-for-token comparison."""
+                  ar: RunResult | None, fused: RunResult | None,
+                  **extensions: Any) -> dict[str, Any]:
+    """One prompt's timings for each arm that ran, the token-for-token comparison, and what
+    a tool adds per sample (`extensions`: the keys the schema names, e.g. `source`, `mlx_lm`,
+    `server`; they replace the common keys they share a name with, as `lossless` may)."""
     ran = fused or ar
     record: dict[str, Any] = {
         "prompt_id": prompt_id,
@@ -132,6 +135,8 @@ def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
         "ar": None,
         "fused": None,
         "lossless": None if ar is None or fused is None else ar.tokens == fused.tokens,
+        "first_divergence": None if ar is None or fused is None
+        else first_divergence(ar.tokens, fused.tokens),
         "output_sha256": output_sha256(ran.tokens),
     }
     if ar is not None:
@@ -148,7 +153,7 @@ def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
             "syncs_per_block": s.syncs_per_block,
             "time_split_s": time_split(s),
         }
-    return record
+    return record | extensions
 
 
 def median(values: list[float]) -> float | None:
@@ -174,9 +179,9 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
-                 block_size: int | None, command: str | None = None) -> dict[str, Any]:
-    m, d = engine.model_info, engine.drafter_info
+def _header(engine: Engine, params: dict[str, Any], command: str | None) -> dict[str, Any]:
+    """What every record starts with: the code, the device and the weights that ran."""
+    m = engine.model_info
     tool = {"name": "kakeya-mlx", "version": __version__, **code_version()}
     if command:
         tool["command"] = command
@@ -186,12 +191,37 @@ def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str,
         "tool": tool,
         "device": device_info(),
         "verifier": {"id": m.id, "sha256": m.sha256, "dtype": m.dtype},
+        "params": params,
+    }
+
+
+def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
+                 block_size: int | None, command: str | None = None,
+                 workload: str | None = None,
+                 aggregate_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A decoding record: header, samples, and the aggregate over them (plus what the tool
+    aggregates of its own: `aggregate_extra`)."""
+    d = engine.drafter_info
+    record = {
+        **_header(engine, params, command),
         "drafter": None if d is None or block_size is None else
         {"id": d.id, "sha256": d.sha256, "dtype": d.dtype, "block_size": block_size},
-        "params": params,
         "samples": samples,
-        "aggregate": aggregate(samples),
+        "aggregate": aggregate(samples) | (aggregate_extra or {}),
     }
+    if workload is not None:
+        record["workload"] = workload
+    return record
+
+
+def parity_record(engine: Engine, params: dict[str, Any], result: dict[str, Any],
+                  command: str | None = None) -> dict[str, Any]:
+    """A drafter-parity record: the MLX drafter against the torch reference, no decoding."""
+    d = engine.drafter_info
+    return {**_header(engine, params, command), "kind": "drafter-parity",
+            "drafter": {"id": d.id, "sha256": d.sha256, "dtype": d.dtype,
+                        "block_size": engine.drafter.config.block_size},
+            "aggregate": result}
 
 
 def validate(record: dict[str, Any]) -> None:

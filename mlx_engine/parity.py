@@ -9,19 +9,17 @@ agreement is reported (rounding flips near-tied argmaxes).
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from . import __version__
+from . import evidence
 from .engine import Engine, RunOptions
 from .errors import UserError, cli_entry
-from .evidence import device_info
 from .sources import DEFAULT
 
 PARITY_DTYPES = ("float32", "bfloat16")
@@ -145,18 +143,9 @@ def main(argv: list[str] | None = None, prompts: list[str] | None = None) -> int
           f"drafted positions | blocks identical {result['blocks_identical']:.2%} | "
           f"max |logit diff| {result['max_abs_logit_diff']:.3g}")
     if args.json is not None:
-        record = {
-            "schema_version": 1, "kind": "drafter-parity",
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "tool": {"name": "kakeya-mlx", "version": __version__},
-            "device": device_info(),
-            "verifier": {"id": args.model, "sha256": engine.model_info.sha256},
-            "drafter": {"id": args.draft, "sha256": engine.drafter_info.sha256},
-            "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "aggregate": result,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        command = shlex.join(["python", "-m", __spec__.name, *(argv or sys.argv[1:])])
+        evidence.write(evidence.parity_record(engine, params, result, command), args.json)
     return 0 if result["passed"] in (True, None) else 1
 
 

@@ -63,7 +63,8 @@ class RoundCosts:
     """Seconds per round at the widths measured on this device, scaled online by how much
     slower or faster rounds run now (a longer context, other load), with a per-width
     correction where a width was itself observed. The policy only picks measured widths:
-    a BLAS's speed is not smooth in the row count (on one CPU 6 rows cost more than 8)."""
+    a BLAS's speed is not smooth in the row count (a row count off its blocking can cost more
+    than a larger one)."""
 
     def __init__(self, measured: dict[int, float]):
         if 1 not in measured or len(measured) < 2:

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import KVCache
 from .drafter import DFlashDrafter
 from .drafter_config import DRAFT_VOCAB_FILE
 from .errors import UserError
-from .sampling import SamplingParams, draw, probs
+from .sampling import Sampler
 from .verifier import Verifier
 
 
@@ -27,7 +27,7 @@ class DraftSource(Protocol):
 
     def extend(self, taps: mx.array) -> None: ...
 
-    def propose(self, anchor: mx.array, block_size: int, params: SamplingParams,
+    def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
                 key: mx.array) -> tuple[mx.array, mx.array | None]: ...
 
     def pending(self) -> list[mx.array]: ...
@@ -86,18 +86,15 @@ class DFlashDraftSource:
         return self.drafter.draft_logits(ids[None], self.cache, self.verifier.embed,
                                          self.head)[0]
 
-    def propose(self, anchor: mx.array, block_size: int, params: SamplingParams,
+    def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
                 key: mx.array) -> tuple[mx.array, mx.array | None]:
-        """Draft tokens [B-1] and, when sampling, their distribution over the full vocab."""
-        logits = self.draft_logits(anchor, block_size)
-        if params.greedy:
-            choice, full_p = mx.argmax(logits, axis=-1), None
-        else:
-            p = probs(logits, params)
-            choice = draw(p, key)
-            full_p = p if self.vocab_ids is None else self._scatter(p)
-        drafts = choice if self.vocab_ids is None else self.vocab_ids[choice]
-        return drafts.astype(mx.int32), full_p
+        """Draft tokens [B-1] and, if the sampler keeps it, their distribution over the full
+        vocab."""
+        choice, p = sampler.draft(self.draft_logits(anchor, block_size), key)
+        if self.vocab_ids is None:
+            return choice.astype(mx.int32), p
+        drafts = self.vocab_ids[choice].astype(mx.int32)
+        return drafts, None if p is None else self._scatter(p)
 
     def _scatter(self, p: mx.array) -> mx.array:
         full = mx.zeros((p.shape[0], self.verifier.vocab_size), dtype=p.dtype)

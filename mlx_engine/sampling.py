@@ -1,5 +1,9 @@
 """Token choice and draft acceptance, all in-graph so a block costs one host read-back.
 
+A `Sampler` is the one seam between a sampling method and the decoding loops: the loops ask it
+for the next token (`pick`), the proposer for drafts (`draft`), the fused loop for the verdict
+on them (`accept`); a new method is a new Sampler, nothing else changes.
+
 Greedy acceptance keeps the longest prefix of drafts that equal the target's argmax and adds
 the target's token after it; output is then exactly plain greedy decoding. With temperature,
 Leviathan et al.'s rejection sampling keeps each draft with probability min(1, p/q) and
@@ -10,6 +14,7 @@ distribution exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -54,13 +59,6 @@ def draw(p: mx.array, key: mx.array) -> mx.array:
     return mx.random.categorical(mx.log(p), axis=-1, key=key)
 
 
-def pick(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
-    """Next token(s) from logits: argmax when greedy, else a draw."""
-    if params.greedy:
-        return mx.argmax(logits, axis=-1)
-    return draw(probs(logits, params), key)
-
-
 def _emitted(drafts: mx.array, accepted: mx.array, bonus: mx.array) -> mx.array:
     """[B] row: accepted drafts, then the bonus at index `accepted` (rest is padding)."""
     padded = mx.concatenate([drafts, mx.zeros((1,), drafts.dtype)])
@@ -94,3 +92,61 @@ def rejection_accept(
     choices = mx.concatenate([residual, target_p[-1:]], axis=0)
     bonus = draw(mx.take(choices, accepted, axis=0), k_bonus)
     return accepted, _emitted(drafts, accepted, bonus)
+
+
+class Sampler(Protocol):
+    def pick(self, logits: mx.array, key: mx.array) -> mx.array:
+        """The next token(s) from target logits [..., V]."""
+        ...
+
+    def draft(self, logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Draft tokens from drafter logits [B-1, V'], and their distribution if `accept`
+        needs it."""
+        ...
+
+    def accept(self, drafts: mx.array, draft_p: mx.array | None, target_logits: mx.array,
+               key: mx.array) -> tuple[mx.array, mx.array]:
+        """(accepted count, emitted [B]) for drafts [B-1] against target logits [B, V]."""
+        ...
+
+
+class Greedy:
+    """Argmax everywhere: output is exactly plain greedy decoding."""
+
+    def pick(self, logits: mx.array, key: mx.array) -> mx.array:
+        return mx.argmax(logits, axis=-1)
+
+    def draft(self, logits: mx.array, key: mx.array) -> tuple[mx.array, None]:
+        return mx.argmax(logits, axis=-1), None
+
+    def accept(self, drafts: mx.array, draft_p: mx.array | None, target_logits: mx.array,
+               key: mx.array) -> tuple[mx.array, mx.array]:
+        return greedy_accept(drafts, target_logits)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Draws from temperature / top-k / top-p distributions; rejection sampling keeps the
+    target's distribution exact."""
+
+    params: SamplingParams
+
+    def pick(self, logits: mx.array, key: mx.array) -> mx.array:
+        return draw(probs(logits, self.params), key)
+
+    def draft(self, logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        p = probs(logits, self.params)
+        return draw(p, key), p
+
+    def accept(self, drafts: mx.array, draft_p: mx.array | None, target_logits: mx.array,
+               key: mx.array) -> tuple[mx.array, mx.array]:
+        if draft_p is None:
+            raise ValueError("rejection sampling needs the drafts' distribution")
+        return rejection_accept(drafts, draft_p, probs(target_logits, self.params), key)
+
+
+GREEDY = Greedy()
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    return GREEDY if params.greedy else Rejection(params)

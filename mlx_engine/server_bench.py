@@ -172,16 +172,15 @@ class Arms:
             got[arm] = (stream_completion(self.url, self.request(prompt, ids))
                         if arm == "server" else self.local(arm, prompt, ids))
         (ar, ar_text), (fused, fused_text), server = got["ar"], got["fused"], got["server"]
-        record = evidence.sample_record(prompt.id, len(ids), self.engine.block_size(self.fixed),
-                                        ar, fused)
-        record["server"] = {
+        served = {
             "decode_tok_s": server.decoding["decode_tok_s"],
             "client_decode_tok_s": server.decode_tok_s, "client_e2e_tok_s": server.e2e_tok_s,
             "new_tokens": server.tokens, "tau": server.decoding["tau"],
             "cached_tokens": server.decoding["cached_tokens"],
             "matches_generate": server.text == fused_text, "matches_ar": server.text == ar_text,
         }
-        return record
+        return evidence.sample_record(prompt.id, len(ids), self.engine.block_size(self.fixed),
+                                      ar, fused, server=served)
 
     def concurrent(self, clients: int, prompts: list[tuple[workloads.Prompt, list[int]]]
                    ) -> dict[str, Any]:
@@ -255,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                         "to back, order rotated; server.decode_tok_s as the server's engine "
                         "measures it, client_* from chunk arrival times; " + evidence.TIMING)
     command = shlex.join(["python", "-m", __spec__.name, *argv])
-    record = evidence.build_record(engine, params, samples, width, command=command)
-    record["workload"] = args.workload
-    record["aggregate"].update(server_aggregate(samples), concurrency=concurrency)
+    record = evidence.build_record(
+        engine, params, samples, width, command=command, workload=args.workload,
+        aggregate_extra={**server_aggregate(samples), "concurrency": concurrency})
     a = record["aggregate"]
     loads = " | ".join(f"{c} client(s): {v['requests_per_s']:.3f} req/s, {v['tok_s']:.2f} tok/s"
                        for c, v in concurrency.items())

@@ -13,8 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from .convert_gguf import cache_root
 from .errors import UserError
+from .gguf.cache import cache_root
 
 DEFAULT = "default"
 DEFAULT_QUANTIZED = "default-quantized"
@@ -51,7 +51,7 @@ def _resolve(spec: str, what: str, patterns: list[str] | None) -> Path:
 def resolve_model(spec: str, dtype: str) -> Path:
     """A local mlx-lm model dir for `spec` (`default`: the offline Gemma 3 270M)."""
     if spec in (DEFAULT, DEFAULT_QUANTIZED):
-        from .convert_gguf import default_verifier_dir
+        from .gguf.convert import default_verifier_dir
 
         quantized = spec == DEFAULT_QUANTIZED
         if quantized and dtype != "float32":

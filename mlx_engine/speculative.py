@@ -23,11 +23,10 @@ from mlx_lm.models.cache import KVCache
 
 from .policy import WidthPolicy
 from .proposer import DraftSource
-from .sampling import SamplingParams, greedy_accept, pick, probs, rejection_accept
+from .sampling import GREEDY, Sampler
 from .verifier import Verifier
 
 GraphMode = Literal["two-phase", "single"]
-GREEDY = SamplingParams()
 
 
 @dataclass
@@ -120,8 +119,8 @@ def _on_generation_stream(
     loop: Callable[..., Iterator[list[int]]],
 ) -> Callable[..., Iterator[list[int]]]:
     """Run a decoding loop on mlx-lm's generation stream, as its `generate_step` does, so the
-    bench's arms (ours and mlx-lm's) all run on one stream. On an H200 our AR ran at 0.93-0.97x
-    mlx-lm's on the default stream, 0.95-0.98x on this one (different calls, shared host).
+    bench's arms (ours and mlx-lm's) all run on one stream: a GPU's default stream times
+    differently, and the comparison would measure the streams.
     """
 
     @functools.wraps(loop)
@@ -136,7 +135,7 @@ def _prefill(
     verifier: Verifier,
     prompt: list[int],
     source: DraftSource | None,
-    params: SamplingParams,
+    sampler: Sampler,
     key: mx.array,
     stats: DecodeStats,
     cache: list[KVCache] | None,
@@ -156,7 +155,7 @@ def _prefill(
             mx.eval(source.pending())
 
     logits = verifier.prefill(mx.array([prompt[cached:]], dtype=mx.int32), cache, on_taps)
-    first = pick(logits[0, -1], params, key).item()
+    first = sampler.pick(logits[0, -1], key).item()
     stats.prompt_tokens, stats.cached_tokens = len(prompt), cached
     stats.prefill_s = time.perf_counter() - start
     return cache, first
@@ -167,7 +166,7 @@ def ar_stream(
     verifier: Verifier,
     prompt: list[int],
     max_tokens: int,
-    params: SamplingParams = GREEDY,
+    sampler: Sampler = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
     seed: int | None = None,
     stats: DecodeStats | None = None,
@@ -179,13 +178,13 @@ def ar_stream(
     """
     stats = stats if stats is not None else DecodeStats()
     keys = _keys(seed)
-    cache, first = _prefill(verifier, prompt, None, params, next(keys), stats, cache)
+    cache, first = _prefill(verifier, prompt, None, sampler, next(keys), stats, cache)
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
 
     def step(token: mx.array) -> mx.array:
         logits = verifier.forward(token.reshape(1, 1), cache, with_taps=False).logits
-        return pick(logits[0, -1], params, next(keys))
+        return sampler.pick(logits[0, -1], next(keys))
 
     next_y = step(mx.array(first, dtype=mx.int32))
     mx.async_eval(next_y)
@@ -216,7 +215,7 @@ def _ar_segment(
     cache: list[KVCache],
     anchor: int,
     policy: WidthPolicy,
-    params: SamplingParams,
+    sampler: Sampler,
     keys: Iterator[mx.array],
     emit: _Emitter,
     clock: _RoundClock,
@@ -229,7 +228,7 @@ def _ar_segment(
     def step(token: mx.array) -> mx.array:
         block = verifier.forward(token.reshape(1, 1), cache)
         source.extend(block.taps)
-        return pick(block.logits[0, -1], params, next(keys))
+        return sampler.pick(block.logits[0, -1], next(keys))
 
     y = step(mx.array(anchor, dtype=mx.int32))
     mx.async_eval(y, *source.pending())
@@ -254,7 +253,7 @@ def fused_stream(
     prompt: list[int],
     max_tokens: int,
     policy: WidthPolicy,
-    params: SamplingParams = GREEDY,
+    sampler: Sampler = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
     seed: int | None = None,
     graph: GraphMode = "two-phase",
@@ -264,14 +263,15 @@ def fused_stream(
 ) -> Iterator[list[int]]:
     """Speculative decoding with a block drafter; token-identical to `ar_stream` when greedy.
 
-    `policy` sets each round's width: 2..B verifies a drafted block, 1 takes plain AR steps.
+    `policy` sets each round's width: 2..B verifies a drafted block, 1 takes plain AR steps;
+    `sampler` chooses and accepts tokens (greedy: exactly AR's output).
     Each drafted round appends its accepted-draft count to `stats.accepted` before it yields.
     `cache`, if given, already holds the prompt's first `offset` tokens, and `source` their
     drafter context rows (a prompt cache's).
     """
     stats = stats if stats is not None else DecodeStats()
     keys = _keys(seed)
-    cache, first = _prefill(verifier, prompt, source, params, next(keys), stats, cache)
+    cache, first = _prefill(verifier, prompt, source, sampler, next(keys), stats, cache)
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
     anchor = first
@@ -281,13 +281,13 @@ def fused_stream(
     width = policy.next_width()
     while not emit.done:
         if width == 1:
-            segment = _ar_segment(verifier, source, cache, anchor, policy, params, keys, emit,
+            segment = _ar_segment(verifier, source, cache, anchor, policy, sampler, keys, emit,
                                   clock)
             width, anchor = yield from segment
             continue
         t0 = time.perf_counter()
         anchor_arr = mx.array([anchor], dtype=mx.int32)
-        drafts, draft_p = source.propose(anchor_arr, width, params, next(keys))
+        drafts, draft_p = source.propose(anchor_arr, width, sampler, next(keys))
         draft_out = [drafts, *([] if draft_p is None else [draft_p])]
         if graph == "two-phase":
             mx.eval(draft_out)
@@ -297,11 +297,7 @@ def fused_stream(
         t1 = time.perf_counter()
 
         block = verifier.forward(mx.concatenate([anchor_arr, drafts])[None], cache)
-        if params.greedy:
-            accepted, emitted = greedy_accept(drafts, block.logits[0])
-        else:
-            target_p = probs(block.logits[0], params)
-            accepted, emitted = rejection_accept(drafts, draft_p, target_p, next(keys))
+        accepted, emitted = sampler.accept(drafts, draft_p, block.logits[0], next(keys))
         row = mx.concatenate([accepted[None].astype(mx.int32), emitted.astype(mx.int32)])
         values = row.tolist()
         stats.host_syncs += 1

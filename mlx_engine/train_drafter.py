@@ -136,7 +136,7 @@ def _target_path(args: argparse.Namespace) -> Path:
             raise UserError(f"target {args.model} does not exist")
         return args.model
     try:
-        from .convert_gguf import default_verifier_dir
+        from .gguf.convert import default_verifier_dir
     except ImportError:
         raise UserError("no default verifier here; pass --model DIR|FILE.gguf") from None
     return Path(default_verifier_dir("float32"))

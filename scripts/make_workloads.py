@@ -210,7 +210,7 @@ def chat_prompts(files: list[Path]) -> list[Prompt]:
 def niah_prompts(files: list[Path], rng: random.Random, n: int = 12) -> list[Prompt]:
     from tokenizers import Tokenizer
 
-    from mlx_engine.convert_gguf import default_verifier_dir
+    from mlx_engine.gguf.convert import default_verifier_dir
 
     tokenizer = Tokenizer.from_file(str(default_verifier_dir() / "tokenizer.json"))
     prompts = []

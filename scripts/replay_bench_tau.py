@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mlx_engine import workloads
-from mlx_engine.convert_gguf import default_verifier_dir
+from mlx_engine.gguf.convert import default_verifier_dir
 from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
 from mlx_engine.reference.torch_target import load_target, load_tokenizer
 from mlx_engine.sources import resolve_drafter

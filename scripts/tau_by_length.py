@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlx_engine.convert_gguf import default_verifier_dir
+from mlx_engine.gguf.convert import default_verifier_dir
 from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
 from mlx_engine.reference.torch_target import load_target
 from mlx_engine.sources import resolve_drafter

@@ -56,8 +56,8 @@ class OracleSource(DFlashDraftSource):
 
     reference: ClassVar[list[int]] = []
 
-    def propose(self, anchor, block_size, params, key):
-        real, _ = super().propose(anchor, block_size, params, key)
+    def propose(self, anchor, block_size, sampler, key):
+        real, _ = super().propose(anchor, block_size, sampler, key)
         g = self.context_len - len(PROMPT)
         truth = self.reference[g + 1 : g + block_size]
         return real * 0 + mx.array(truth, dtype=mx.int32), None
@@ -97,6 +97,14 @@ def test_bad_requests_raise_user_error_before_anything_runs(engine):
         engine.generate([])
     with pytest.raises(UserError, match="between 2 and"):
         engine.generate(PROMPT, options=RunOptions(block_size=BLOCK + 1))
+
+
+def test_a_conversation_without_a_chat_template_takes_the_plain_form(engine):
+    """A base model's tokenizer has no template: turns become mlx-lm server's plain form."""
+    assert not engine.has_chat_template
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    plain = "ASSISTANT's RULE: Be brief.\nUSER: Hi\nASSISTANT:"
+    assert engine.encode(turns) == list(engine.tokenizer.encode(plain))
 
 
 def _cold_ar(engine: Engine, prompt: list[int], n: int = 24) -> list[int]:

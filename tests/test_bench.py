@@ -116,6 +116,13 @@ def test_default_adaptive_and_fixed_widths_are_lossless(pair, tmp_path):
                                                    for s in fixed["samples"])
     for s in fixed["samples"]:
         assert s["fused"]["ar_steps"] == 0 and s["fused"]["width_hist"][4] == s["fused"]["blocks"]
+        assert len(s["ar"]["repeat_decode_tok_s"]) == 3
+        assert s["ar"]["decode_tok_s"] == sorted(s["ar"]["repeat_decode_tok_s"])[1]
+    floor = fixed["aggregate"]
+    assert floor["timed_prompts"] == len(fixed["samples"])
+    assert 0 <= floor["ar_vs_ar_below_0_95"] <= floor["timed_prompts"]
+    assert 0 < floor["ar_vs_ar_min_median"] <= 1
+    assert "ar_vs_ar_min_median" not in record["aggregate"]  # one repeat: no noise floor
 
 
 class RandomWidths(FixedWidth):
@@ -187,7 +194,7 @@ def test_niah_workload_has_one_needle_and_a_question():
 def test_niah_contexts_exceed_1k_real_tokens():
     from tokenizers import Tokenizer
 
-    from mlx_engine.convert_gguf import default_verifier_dir
+    from mlx_engine.gguf.convert import default_verifier_dir
 
     tok = Tokenizer.from_file(str(default_verifier_dir() / "tokenizer.json"))
     assert all(len(tok.encode(p.text).ids) >= 1000 for p in workloads.load("niah"))
@@ -216,3 +223,22 @@ def test_bad_workload_record_and_missing_drafter(pair, tmp_path, capsys):
     assert main(["--model", str(pair[0]), "--draft", str(tmp_path / "nope"),
                  "--workload", "code"]) == 2
     assert "drafter" in capsys.readouterr().err
+
+
+def test_the_schema_tells_decoding_records_from_parity_records():
+    """A decoding record without samples, or a parity record with a decoding aggregate, fails."""
+    import jsonschema
+
+    header = {"schema_version": 1, "created_at": "2026-01-01T00:00:00+00:00",
+              "tool": {"name": "kakeya-mlx", "version": "0", "git_sha": None},
+              "device": {"platform": "p", "machine": "m", "chip": "c", "mlx_version": "0",
+                         "backend": "cpu"},
+              "verifier": {"id": "v", "sha256": "0" * 64, "dtype": "float32"},
+              "drafter": None, "params": {}}
+    decoding = {"ar_decode_tok_s": 1.0, "fused_decode_tok_s": None, "speedup_vs_ar": None,
+                "mean_accept_len": None, "lossless_all": None}
+    evidence.validate({**header, "samples": [], "aggregate": decoding})
+    with pytest.raises(jsonschema.ValidationError):
+        evidence.validate({**header, "aggregate": decoding})
+    with pytest.raises(jsonschema.ValidationError):
+        evidence.validate({**header, "kind": "drafter-parity", "aggregate": decoding})

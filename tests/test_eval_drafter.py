@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tiny import TARGET_CONFIGS, drafter_config, save_model_dir, save_random_drafter
@@ -72,3 +73,23 @@ def test_a_baseline_lends_its_answers_and_stands_beside_the_new_taus(pair, tmp_p
         p["answer"] for p in first["kinds"]["chat"]["prompts"]]
     row = (tmp_path / "after.md").read_text().splitlines()[2]
     assert row.count("->") == 2
+
+
+def test_a_kinds_prompts_do_not_depend_on_the_kinds_run_beside_it():
+    class CharTokenizer:
+        bos_token_id = 1
+
+        def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+            return [ord(c) for c in text]
+
+    engine = SimpleNamespace(tokenizer=CharTokenizer())
+
+    def prompts(*kinds: str) -> dict:
+        args = eval_drafter.build_parser().parse_args(
+            ["--json", "x.json", "--n", "2", "--max-prompt-tokens", "128", "--kinds", *kinds])
+        return {name: p for name, (_, p) in eval_drafter.eval_prompts(engine, args).items()}
+
+    together = prompts("function_body", "chat", "snippet")
+    assert together["chat"] == prompts("chat")["chat"]
+    assert together["snippet"] == prompts("snippet", "function_body")["snippet"]
+    assert together["chat"] != together["snippet"]

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from mlx_engine.errors import UserError
+from mlx_engine.training.data import split_files
 from mlx_engine.training.kinds import GEMMA_TURNS, KINDS, Source, sample_prompts
-from mlx_engine.training.mix import parse_mix, split_counts
+from mlx_engine.training.mix import build_prompt_cache, parse_mix, split_counts
 
 MODULE = '''"""A module of helpers.
 
 It holds a few functions. Each one is small, and each one is documented at length so
 that the prose kind has sentences to cut at: this is the second sentence. And a third.
 """
+import os
+from pathlib import Path
 
 
 def add_numbers(a, b):
@@ -73,6 +77,55 @@ def test_prose_prompts_are_docstring_text_up_to_a_sentence_end(files):
     for p in sample_prompts(kind, files, chars, 10, random.Random(2), 1):
         assert len(p) == 40 and text(p)[-1] in ".:"
         assert text(p) in MODULE.replace('"""', "")
+
+
+HEADERS = ('def add_numbers(a, b):\n    """Return the sum of two numbers given as arguments."""\n',
+           'def _private(x):\n    """Not a public helper, so never a chat request."""\n')
+
+
+def test_snippets_are_small_modules_that_end_at_a_documented_functions_body(files):
+    snippets = [text(p) for p in sample_prompts(KINDS["snippet"], files, chars, 30,
+                                                random.Random(3), 1)]
+    for s in snippets:
+        blocks = s.split("\n\n\n")
+        assert blocks[0] in ("import os", "import os\nfrom pathlib import Path")
+        header = next(h for h in HEADERS if s.endswith(h))
+        assert len(blocks) in (2, 3) and blocks[-1] == header
+        if len(blocks) == 3:  # a whole definition that stands before the function
+            assert header == HEADERS[1] and blocks[1].startswith("def add_numbers")
+            assert blocks[1].endswith("return total")
+    assert {len(s.split("\n\n\n")) for s in snippets} == {2, 3}
+    assert KINDS["snippet"].max_tokens == 128 and not KINDS["snippet"].stop  # the README's
+
+
+class CharTokenizer:
+    """Just what the mixing recipe asks of a tokenizer: one id per character."""
+
+    bos_token_id, eos_token_id, unk_token_id = 1, 2, None
+
+    def __call__(self, texts: list[str], add_special_tokens: bool) -> dict:
+        return {"input_ids": chars(texts)}
+
+    def __len__(self) -> int:
+        return 0x110000
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[None]:
+        return [None for _ in tokens]
+
+
+def test_snippets_for_training_come_from_train_files_only(tmp_path: Path):
+    for k in range(60):  # each file's functions are named after it
+        (tmp_path / f"m{k}.py").write_text(
+            MODULE.replace("add_numbers", f"add_{k}_").replace("_private", f"_private_{k}_"))
+    train, held = split_files(tmp_path)
+    assert train and held
+    cache = build_prompt_cache(CharTokenizer(), 40, 10, 32, 64, seed=0,
+                               mix=parse_mix("snippet=1"), mask_token_id=3, root=tmp_path)
+    for files, held_out in ((train, False), (held, True)):
+        allowed = {int(f.stem[1:]) for f in files}
+        for i in cache.indices(held_out):
+            named = {int(n) for n in re.findall(r"def _?\w+?_(\d+)_\(", text(cache.prompts[i]))}
+            assert named and named <= allowed
 
 
 def test_long_prompts_that_no_file_can_fill_are_one_error(files):

@@ -104,8 +104,8 @@ class ForcedSource(DFlashDraftSource):
         super().__init__(drafter, verifier)
         self.prompt_len, self.reference, self.correct = prompt_len, reference, correct
 
-    def propose(self, anchor, block_size, params, key):
-        real, _ = super().propose(anchor, block_size, params, key)  # keep the drafter running
+    def propose(self, anchor, block_size, sampler, key):
+        real, _ = super().propose(anchor, block_size, sampler, key)  # keep the drafter running
         g = self.context_len - self.prompt_len  # index of the anchor among generated tokens
         truth = self.reference[g + 1 : g + block_size]
         forced = [t if i < self.correct else (t + 1) % VOCAB for i, t in enumerate(truth)]
@@ -172,11 +172,11 @@ class PhasedSource(ForcedSource):
         self.switch = switch
         self.proposals: list[tuple[int, int]] = []  # (generated index of the anchor, width)
 
-    def propose(self, anchor, block_size, params, key):
+    def propose(self, anchor, block_size, sampler, key):
         g = self.context_len - self.prompt_len
         self.proposals.append((g, block_size))
         self.correct = 0 if g < self.switch else block_size
-        return super().propose(anchor, block_size, params, key)
+        return super().propose(anchor, block_size, sampler, key)
 
 
 class FrozenCosts(RoundCosts):

@@ -7,7 +7,7 @@ import json
 import pytest
 from tiny import drafter_config, prompt_tokens, save_model_dir, save_random_drafter, words
 
-from mlx_engine import parity
+from mlx_engine import evidence, parity
 
 PROMPTS = [words(prompt_tokens(40, seed=s)) for s in range(2)]
 
@@ -25,7 +25,10 @@ def _run(pair, tmp_path, dtype: str) -> tuple[int, dict]:
     out = tmp_path / f"parity-{dtype}.json"
     rc = parity.main(["--model", str(model), "--draft", str(draft), "--dtype", dtype, "--n", "2",
                       "--new-tokens", "24", "--stride", "3", "--json", str(out)], prompts=PROMPTS)
-    return rc, json.loads(out.read_text())["aggregate"]
+    record = json.loads(out.read_text())
+    evidence.validate(record)  # a parity record, schema-checked like every other
+    assert record["kind"] == "drafter-parity" and "samples" not in record
+    return rc, record["aggregate"]
 
 
 def test_fp32_drafts_agree_exactly(pair, tmp_path):

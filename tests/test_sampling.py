@@ -14,8 +14,8 @@ from tiny import drafter_config, make_target, save_random_drafter
 from mlx_engine.drafter import load_drafter
 from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource, DraftHead
-from mlx_engine.sampling import SamplingParams, probs
-from mlx_engine.speculative import collect, fused_stream
+from mlx_engine.sampling import Greedy, SamplingParams, make_sampler, probs
+from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
 V = 6  # tiny vocab: every joint outcome of two tokens gets many samples
@@ -54,8 +54,8 @@ def _exact_joint(verifier: Verifier) -> dict[tuple[int, int, int], float]:
 
 def _fused(verifier, drafter, seed: int, n: int = 3, head: DraftHead | None = None) -> list[int]:
     source = DFlashDraftSource(drafter, verifier, head)
-    return collect(fused_stream(verifier, source, PROMPT, n, FixedWidth(4), params=PARAMS,
-                                  seed=seed))
+    return collect(fused_stream(verifier, source, PROMPT, n, FixedWidth(4),
+                                sampler=make_sampler(PARAMS), seed=seed))
 
 
 def _pooled_chisquare(counts: Counter, expected: dict, total: int) -> float:
@@ -129,3 +129,32 @@ def test_top_k_and_top_p_restrict_the_support():
     assert all(p == 0 for p in top_k[2:]) and abs(sum(top_k) - 1) < 1e-6
     top_p = probs(logits, SamplingParams(temp=1.0, top_p=0.7))[0].tolist()
     assert top_p[0] > 0 and top_p[1] > 0 and all(p == 0 for p in top_p[2:])
+
+
+class CountingGreedy(Greedy):
+    """Greedy, counting who asks it for what."""
+
+    def __init__(self) -> None:
+        self.calls: Counter = Counter()
+
+    def pick(self, logits, key):
+        self.calls["pick"] += 1
+        return super().pick(logits, key)
+
+    def draft(self, logits, key):
+        self.calls["draft"] += 1
+        return super().draft(logits, key)
+
+    def accept(self, drafts, draft_p, target_logits, key):
+        self.calls["accept"] += 1
+        return super().accept(drafts, draft_p, target_logits, key)
+
+
+def test_the_sampler_is_the_seam_the_proposer_and_the_loop_each_call_once(pair):
+    verifier, drafter = pair
+    sampler, stats = CountingGreedy(), DecodeStats()
+    source = DFlashDraftSource(drafter, verifier)
+    fused = collect(fused_stream(verifier, source, PROMPT, 24, FixedWidth(4), sampler=sampler,
+                                 stats=stats))
+    assert fused == collect(ar_stream(verifier, PROMPT, 24))
+    assert sampler.calls == {"pick": 1, "draft": stats.blocks, "accept": stats.blocks}

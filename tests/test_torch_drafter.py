@@ -291,7 +291,7 @@ def test_bad_target_path_is_one_line(tmp_path: Path):
 def test_gguf_target_equals_the_converted_verifier_dir():
     """The GPU machine reads the GGUF directly (no mlx there): same model as the converted dir."""
     pytest.importorskip("gguf")
-    from mlx_engine.convert_gguf import default_gguf_path, default_verifier_dir
+    from mlx_engine.gguf.convert import default_gguf_path, default_verifier_dir
     from mlx_engine.reference.torch_target import load_target
 
     ids = torch.tensor([[2, 2063, 563, 236779, 2497, 236769, 236749, 236787, 801, 236768]])

@@ -1,8 +1,8 @@
 """Load a Gemma 3 text GGUF straight into transformers' `Gemma3ForCausalLM` (no mlx needed).
 
-The GPU machine has torch but no mlx and no network; transformers' own GGUF path needs
-`accelerate` and spends ~60 s on metadata. The converter's mlx-free half (config from the
-metadata, dequantized tensors with llama.cpp's Gemma conventions undone) does the reading.
+Training runs where torch is, and MLX may not be; transformers' own GGUF path needs
+`accelerate` and parses the metadata slowly. The mlx-free half of `mlx_engine/gguf/` (config
+from the metadata, dequantized tensors with llama.cpp's Gemma conventions undone) reads it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..convert_gguf import gguf_config, iter_tensors, open_gguf
 from ..errors import UserError
+from ..gguf.gemma3 import gguf_config, iter_tensors
+from ..gguf.reader import open_gguf
 
 
 def load_gemma3_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -4,7 +4,8 @@ A drafter trained on one prompt shape narrows to it (high tau on that shape, far
 anything else), so training mixes several kinds, each cut the way its use
 looks: code completion at a function body, long prompts past the verifier's 512-token sliding
 window, chat requests in Gemma's turn format, prose (docstrings), short inline completions,
-and plain excerpts. The same cutters serve training (train files) and evaluation (held-out
+small modules that end at a documented function's body (the README example's shape), and
+plain excerpts. The same cutters serve training (train files) and evaluation (held-out
 files), so a kind's held-out prompts are the training prompts' twins from files never trained
 on. A kind also says how its use stops (stop strings besides EOS, an answer cap): the
 evaluation runs it that way.
@@ -30,6 +31,10 @@ HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 SHORT_CUTS = ("= ", "return ", "(")
 SENTENCE_END = re.compile(r"[.:]\s")
 NOT_PROSE = re.compile(r"^\s*(>>>|\$|[-=]{3,})", re.M)  # doctests, shell lines, rules
+SNIPPET_IMPORTS = 4  # at most this many of a module's import lines open a snippet
+SNIPPET_DEF_LINES = 25  # the longest definition that may stand before the function
+SNIPPET_HEADER_LINES = 20  # the longest `def` line + docstring
+SNIPPET_BODY_LINES = 12  # the longest body: the answer is a short, complete function
 CHAT_REQUESTS = (  # the first is the bench's chat workload's
     "Write a Python {kind} `{name}`. {summary}",
     "Write a Python {kind} named `{name}` that does this: {summary}",
@@ -60,6 +65,45 @@ class Source:
     @cached_property
     def docstrings(self) -> list[tuple[str, str, str]]:
         return docstrings("".join(self.lines))
+
+    @cached_property
+    def outline(self) -> Outline:
+        return outline(self.lines)
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A module's top level, as much as a snippet needs: its one-line imports, its short
+    definitions (line spans), and the `def` + docstring line spans of its documented
+    functions whose body is short."""
+
+    imports: tuple[str, ...] = ()
+    definitions: tuple[tuple[int, int], ...] = ()
+    headers: tuple[tuple[int, int], ...] = ()
+
+
+def outline(lines: Sequence[str]) -> Outline:
+    """The top level of a module's source lines (an empty outline if it does not parse)."""
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):
+        return Outline()
+    imports, definitions, headers = [], [], []
+    for node in tree.body:
+        end = node.end_lineno or node.lineno
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and end == node.lineno:
+            imports.append(lines[node.lineno - 1])
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+        if end - start <= SNIPPET_DEF_LINES:
+            definitions.append((start, end))
+        doc_end = node.body[0].end_lineno or node.body[0].lineno
+        if (not isinstance(node, ast.ClassDef) and ast.get_docstring(node) is not None
+                and len(node.body) > 1 and doc_end - start <= SNIPPET_HEADER_LINES
+                and end - doc_end <= SNIPPET_BODY_LINES):
+            headers.append((start, doc_end))
+    return Outline(tuple(imports), tuple(definitions), tuple(headers))
 
 
 def docstrings(text: str) -> list[tuple[str, str, str]]:
@@ -143,6 +187,25 @@ def _prose(src: Source, rng: random.Random, chars: int) -> str | None:
     return None if NOT_PROSE.search(text) else text
 
 
+def _snippet(src: Source, rng: random.Random, chars: int) -> str | None:
+    """A small module like the README's example: the first few of the file's imports,
+    perhaps one short definition that stands before the function in the file, then a
+    documented top-level function's `def` line and docstring; the answer is its body."""
+    parts = src.outline
+    if not parts.headers:
+        return None
+    start, end = rng.choice(parts.headers)
+    blocks = []
+    if parts.imports:
+        blocks.append("".join(parts.imports[: rng.randint(1, SNIPPET_IMPORTS)]))
+    before = [span for span in parts.definitions if span[1] <= start]
+    if before and rng.random() < 0.5:
+        first, last = rng.choice(before)
+        blocks.append("".join(src.lines[first:last]))
+    blocks.append("".join(src.lines[start:end]))
+    return "\n\n\n".join(b.rstrip("\n") for b in blocks) + "\n"
+
+
 def _chat(src: Source, rng: random.Random, chars: int) -> str | None:
     picks = [(kind, name, s) for kind, name, doc in src.docstrings
              if (s := chat_summary(kind, name, doc)) is not None]
@@ -182,6 +245,7 @@ KINDS = {k.name: k for k in (
     Kind("chat", _chat, (), template=GEMMA_TURNS),
     Kind("prose", _prose, (32, 64, 96, 128)),
     Kind("short", _inline, (64, 128, 256), stop=("\n",), max_tokens=32),
+    Kind("snippet", _snippet, (), max_tokens=128),
 )}
 
 

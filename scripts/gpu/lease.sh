@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The lent GPU machine: train the bundled drafter (torch) and bench the MLX engine (CUDA).
+# The lent GPU machine: train the bundled drafter (torch); bench and evaluate it on the MLX
+# engine (CUDA).
 #
 # The device has torch + transformers but no mlx, no gguf and no network; a call carries at
 # most 64 MiB and the machine stays warm 30 s between calls. So the payload (GGUF, wheels,
@@ -11,6 +12,7 @@
 #   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..N)
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh train
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh bench
+#   device:    (no carry)              command: bash scripts/gpu/lease.sh vocab DIR; ... eval
 #
 # The working tree travels with every call and counts against the 64 MiB, and the bundled
 # drafter alone is 31 MiB: move mlx_engine/drafters/gemma3-270m-dflash out of the tree for
@@ -30,7 +32,13 @@
 # --flag=VALUE[,--flag=VALUE], or - for none) x BENCH_ENVS (each an MLX env setting
 # VAR=VALUE[,VAR=VALUE], or - for none), one queue of runs per GPU;
 # $OUT/bench-gpuK.tgz holds queue K's evidence JSONs, plots and logs (rewritten after each
-# run, so a run cut by the call limit keeps what finished). Knobs (env): SEED (0), LR (1e-3),
+# run, so a run cut by the call limit keeps what finished). `vocab DIR` recounts a trained
+# drafter's draft vocabulary with the verifier's answers in the call's token cache (DATA, default
+# the last `train`'s) and copies it to $OUT. `eval` runs `python -m mlx_engine.eval_drafter` for
+# every EVAL_DRAFTERS x EVAL_KINDS group at once (the MLX engine on CUDA, per-kind held-out tau
+# at blocks 4/8/16, lossless checked), jobs spread over the GPUs, each cut after EVAL_LIMIT
+# seconds (its JSON keeps the kinds that finished); $OUT/eval.tgz holds the JSONs, tables and
+# logs. Knobs (env): SEED (0), LR (1e-3),
 # BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), EVAL_PROMPTS (64),
 # FUNCTION_PROMPTS (0: the share of prompts ending at a function body), MIX (unset: prompt kinds
 # and weights, e.g. function_body=0.4,long=0.1,chat=0.2; replaces FUNCTION_PROMPTS), SEQ_LEN
@@ -39,7 +47,10 @@
 # (128), BENCH_DTYPES (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-),
 # BENCH_DRAFTERS (default[,/tmp/kakeya-run/drafter]), BENCH_QBITS (unset: the float verifier;
 # 4: mlx-lm's 4-bit quantization of it, group 64; gguf: the GGUF's own quantized blocks, kept by
-# `convert_gguf --keep-quantization`). Flags and env settings name the evidence files.
+# `convert_gguf --keep-quantization`), EVAL_DRAFTERS (default,/tmp/kakeya-run/drafter), EVAL_KINDS
+# (comma-separated groups of space-separated kinds, one process each; default: "function_body
+# long snippet readme,chat prose short"), EVAL_N (16 prompts per kind), EVAL_LIMIT (3600).
+# Flags and env settings name the evidence files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -135,7 +146,7 @@ train() {  # device: train on CUDA, copy the results to $OUT
     ls -la "$OUT" "$OUT/drafter"
 }
 
-bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence to $OUT
+mlx_setup() {  # device: mlx + mlx-cuda-13 + mlx-lm installed once, the verifier converted
     gguf
     if [[ ! -d /tmp/mlx-site/mlx ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mlx-site \
@@ -152,9 +163,14 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     py=$(python3 -c 'import sys; print(":".join(sys.path[1:]))')
     export PYTHONPATH=/tmp/mlx-site:$PWD:$py:/tmp/extra-site PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
     python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
-    local model=/tmp/g3-f32 res=/tmp/kakeya-bench
+    model=/tmp/g3-f32
     [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
+}
+
+bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence to $OUT
+    local model res=/tmp/kakeya-bench
+    mlx_setup
     if [[ -n ${BENCH_QBITS:-} ]]; then  # a quantized verifier (MLX's own qmm kernels)
         local quantized=/tmp/g3-q$BENCH_QBITS
         if [[ -f $quantized/config.json ]]; then :
@@ -214,10 +230,45 @@ bench_queue() {  # device: GPU $1 of $2 runs every $2-th job, in order
     done
 }
 
+eval_drafters() {  # device: per-kind engine tau (eval_drafter), every job at once, to $OUT
+    local model res=/tmp/kakeya-eval drafters groups d g k=0 gpus name
+    mlx_setup
+    mkdir -p "$res"
+    IFS=, read -ra drafters <<< "${EVAL_DRAFTERS:-default,$RUN/drafter}"
+    IFS=, read -ra groups <<< "${EVAL_KINDS:-function_body long snippet readme,chat prose short}"
+    gpus=$(nvidia-smi -L | wc -l)
+    for d in "${drafters[@]}"; do
+        for g in "${groups[@]}"; do
+            name=bundled
+            [[ $d == default ]] || name=$(basename "$d")
+            name+=-${g// /-}
+            # shellcheck disable=SC2086  # g: a space-separated list of kinds
+            CUDA_VISIBLE_DEVICES=$((k % gpus)) timeout "${EVAL_LIMIT:-3600}" \
+                python3 -m mlx_engine.eval_drafter --model "$model" --draft "$d" \
+                --kinds $g --n "${EVAL_N:-16}" --json "$res/$name.json" \
+                --markdown "$res/$name.md" > "$res/$name.log" 2>&1 &
+            k=$((k + 1))
+        done
+    done
+    wait
+    tail -n 12 "$res"/*.log || true
+    tar -C "$res" -czf "$OUT/eval.tgz" .
+}
+
+vocab() {  # device: a drafter's draft vocabulary counted with the verifier's training answers
+    local model
+    mlx_setup
+    python3 -m mlx_engine.draft_vocab --model "$model" --draft "$1" \
+        --cache "${DATA:-$RUN/data.npz}" 2>&1 | tr '\r' '\n' | tail -n 3
+    cp "$1/draft_vocab.safetensors" "$OUT/"
+}
+
 case "${1:-}" in
     pack) pack ;;
     stage) stage "$2" ;;
     train) train "${2:-}" ;;
     bench) bench ;;
-    *) echo "usage: $0 pack | stage DIR | train DIR | bench" >&2; exit 2 ;;
+    eval) eval_drafters ;;
+    vocab) vocab "$2" ;;
+    *) echo "usage: $0 pack | stage DIR | train DIR | bench | eval | vocab DIR" >&2; exit 2 ;;
 esac

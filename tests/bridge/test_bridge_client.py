@@ -97,11 +97,26 @@ def test_bad_requests_exit_2_with_one_line(bus, capsys, args, reason):
     assert bus.remote_branches("mac-bridge/") == {} and bus.remote_branches("AgentMemory/") == {}
 
 
+def test_a_former_preset_name_still_runs(bus, capsys):
+    """`kakeya_mac run k3-fused-allmlx-code` (the old name) resolves to bench-code."""
+    code, out, err = bus.kakeya("run", "k3-fused-allmlx-code", "--param", "n=4", capsys=capsys)
+    assert code == 0, err
+    assert "k3-fused-allmlx-code is now called bench-code" in err
+    request_id = out.strip()
+    assert request_id.startswith("k3-fused-allmlx-code-")
+    sha = bus.remote_branches("mac-bridge/")[f"mac-bridge/{request_id}"]
+    manifest_file = bus.tmp / "request.json"
+    manifest_file.write_text(gitbus.git(bus.origin, "show", f"{sha}:{MANIFEST_PATH}"))
+    code, out, _ = bus.kakeya("validate", str(manifest_file), capsys=capsys)
+    assert code == 0 and out.strip() == f"valid: {request_id} (preset bench-code)"
+
+
 def test_presets_and_doctor(bus, capsys):
     code, out, _ = bus.kakeya("presets", capsys=capsys)
     assert code == 0
-    for name in ("bridge-selftest", "k3-fused-allmlx-code", "k3-step2-fused-allmlx"):
+    for name in ("bridge-selftest", "bench-code", "bench-overgen"):
         assert f"{name}  (timeout" in out
+    assert "bench-code  (timeout 2700s, formerly k3-fused-allmlx-code)" in out
     assert "--param max_tokens=...  int 1..2048, default 256" in out
     code, out, _ = bus.kakeya("doctor", capsys=capsys)
     assert code == 0, out

@@ -60,7 +60,7 @@ MALICIOUS: dict[str, tuple[bytes, str]] = {
     "nested value": (params(note={"$ne": 1}), "params.note: "),
     "not an object": (b"[1, 2, 3]", "is not of type 'object'"),
     "broken JSON": (b'{"version": 1, "preset": ', "not valid JSON"),
-    "duplicate keys": (b'{"preset": "test-marker", "preset": "k3-step1-incremental"}',
+    "duplicate keys": (b'{"preset": "test-marker", "preset": "ar-baseline"}',
                        "duplicate key 'preset'"),
     "NaN": (params(ratio=float("nan")), "NaN is not allowed"),
     "Infinity": (params(ratio=float("inf")), "Infinity is not allowed"),

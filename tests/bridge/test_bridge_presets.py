@@ -8,20 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from bridge import manifest
 from bridge.gate import judge
 from bridge.presets import (
     ENV_ALLOWLIST,
+    RENAMED,
     Param,
     PresetError,
     default_presets_dir,
+    find_preset,
     load_preset,
     load_presets,
 )
-from bridge.safety import unsafe_reason
+from bridge.safety import Rejected, unsafe_reason
 
-SHIPPED = {"bridge-selftest", "k3-fused-allmlx-code", "k3-fused-allmlx-natural",
-           "k3-step2-fused-allmlx", "k3-step1-incremental", "k3-drafter-parity",
-           "k3-fused-singlefused-probe", "server-throughput"}
+SHIPPED = {"bridge-selftest", "bench-code", "bench-natural", "bench-overgen", "ar-baseline",
+           "drafter-parity", "graph-mode-probe", "server-throughput"}
 
 
 def test_shipped_presets_load_and_render_with_the_offline_pair(hermetic):
@@ -39,7 +41,7 @@ def test_shipped_presets_load_and_render_with_the_offline_pair(hermetic):
 
 
 def test_placeholders_resolve_on_the_runner_only(hermetic):
-    preset = load_presets(default_presets_dir())["k3-fused-allmlx-code"]
+    preset = load_presets(default_presets_dir())["bench-code"]
     params = preset.resolve_params({})
     argv = preset.command(params, Path("/o"), "r", {"HOME": str(hermetic)}).argv
     assert argv[argv.index("--model") + 1] == "default"
@@ -52,6 +54,32 @@ def test_placeholders_resolve_on_the_runner_only(hermetic):
     assert command.secrets == {"KAKEYA_DRAFTER": "/d", "KAKEYA_VERIFIER": "/models/gemma"}
     assert "/models/gemma" not in " ".join(command.shown)
     assert set(ENV_ALLOWLIST) == {"KAKEYA_MODELS", "KAKEYA_VERIFIER", "KAKEYA_DRAFTER"}
+
+
+def test_former_names_resolve_to_the_renamed_presets():
+    presets = load_presets(default_presets_dir())
+    assert set(RENAMED.values()) <= set(presets) and not set(RENAMED) & set(presets)
+    for old, new in RENAMED.items():
+        assert find_preset(presets, old) is presets[new]
+    assert find_preset(presets, "k3-fused-allmlx-code").name == "bench-code"  # the mission's
+    assert find_preset(presets, "no-such-preset") is None
+
+
+def _manifest(preset: str, request_id: str) -> dict:
+    return {"version": 1, "request_id": request_id, "preset": preset, "params": {"n": 4},
+            "created_at": "2026-06-11T12:00:00Z", "requester": "agent@example.com",
+            "base_sha": "0" * 40}
+
+
+def test_a_request_under_a_former_name_is_valid_and_runs_the_renamed_preset():
+    presets = load_presets(default_presets_dir())
+    old = "k3-fused-allmlx-code-20260611T120000Z-0123abcd"
+    request = manifest.validate(_manifest("k3-fused-allmlx-code", old), presets)
+    assert request.preset is presets["bench-code"] and request.params["n"] == 4
+    new = "bench-code-20260611T120000Z-0123abcd"
+    assert manifest.validate(_manifest("bench-code", new), presets).preset is presets["bench-code"]
+    with pytest.raises(Rejected, match="must start with the preset name 'k3-fused-allmlx-code'"):
+        manifest.validate(_manifest("k3-fused-allmlx-code", new), presets)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -118,7 +146,7 @@ def test_gate_verdicts(tmp_path):
 
 
 def test_gate_checks_can_depend_on_params(hermetic, tmp_path):
-    preset = load_presets(default_presets_dir())["k3-drafter-parity"]
+    preset = load_presets(default_presets_dir())["drafter-parity"]
     (tmp_path / "evidence.json").write_text(json.dumps({"aggregate": {"agreement": 0.95}}))
     fp32 = judge(preset, {"dtype": "float32"}, tmp_path, 0, False)
     bf16 = judge(preset, {"dtype": "bfloat16"}, tmp_path, 0, False)
