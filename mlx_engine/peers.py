@@ -39,6 +39,7 @@ class PeerResult(RunResult):
     """A peer's tokens timed by the bench's clocks, its tau and what else it reports."""
 
     tau: float | None = None
+    blocks: int | None = None  # verify forwards, to pool tau over prompts as ours is
     reported: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # why the run produced no tokens
 
@@ -66,7 +67,8 @@ def why(exc: BaseException) -> str:
 
 class Peer(ABC):
     """A loaded peer. Subclasses stream their loop's new tokens, a list per yield, and put
-    `tau` (and anything else the peer reports) into `reported` before each yield."""
+    `tau`, `blocks` (its verify forwards) and anything else the peer reports into
+    `reported` before each yield."""
 
     name = ""
     how_called = ""
@@ -109,7 +111,8 @@ class Peer(ABC):
         stats.decode_s, stats.new_tokens = now - first, len(tokens)
         if tokens and tokens[-1] in eos:
             stats.finish_reason = "stop"
-        return PeerResult(tokens, stats, tau=reported.pop("tau", None), reported=reported)
+        return PeerResult(tokens, stats, tau=reported.pop("tau", None),
+                          blocks=reported.pop("blocks", None), reported=reported)
 
 
 class ZLab(Peer):
@@ -122,7 +125,8 @@ class ZLab(Peer):
         "the drafter dir (config.json + model*.safetensors: our draft_vocab.safetensors is no "
         "weight of its model); stream_generate(model, draft, tokenizer, prompt_ids, "
         "block_size=None (drafter's) or --block-size N, max_tokens) greedy, tokenizer with our "
-        "EOS ids; tau = mean of its responses' `accepted` (tokens committed per block)")
+        "EOS ids; tau = mean of its responses' `accepted` (tokens committed per block), pooled "
+        "over prompts by block count")
 
     def __init__(self, engine: Engine):
         super().__init__(engine)
@@ -144,7 +148,7 @@ class ZLab(Peer):
                                                  block_size=width, max_tokens=max_tokens):
             if response.accepted is not None:
                 accepted.append(response.accepted)
-                reported["tau"] = statistics.mean(accepted)
+                reported.update(tau=statistics.mean(accepted), blocks=len(accepted))
             reported["generation_tps"] = response.generation_tps
             yield list(response.tokens)
 
@@ -188,7 +192,8 @@ class DFlashMLX(Peer):
             for event in events:
                 if isinstance(event, TokenEvent):
                     if event.cycles_completed:
-                        reported["tau"] = event.generated_tokens / event.cycles_completed
+                        reported.update(tau=event.generated_tokens / event.cycles_completed,
+                                        blocks=event.cycles_completed)
                     reported["acceptance_ratio"] = event.acceptance_ratio
                     yield [int(event.token_id)]
                 elif isinstance(event, SummaryEvent):
@@ -240,7 +245,8 @@ def record(peer: Peer | Unavailable, run: PeerResult | None, ar: list[int]) -> d
         return entry | {"error": f"unavailable: {peer.why}"}
     if run is None or run.error is not None:
         return entry | {"error": run.error if run else "did not run"}
-    return entry | {**evidence.timing(run), "tau": run.tau, "matches_ar": run.tokens == ar,
+    return entry | {**evidence.timing(run), "tau": run.tau, "blocks": run.blocks,
+                    "matches_ar": run.tokens == ar,
                     "first_divergence": evidence.first_divergence(ar, run.tokens),
                     "finish_reason": run.stats.finish_reason, "reported": run.reported}
 
@@ -266,11 +272,19 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                               for s, p in timed if s["ar"]["decode_tok_s"] > 0]),
             "fused_vs_peer": evidence.median([s["fused"]["decode_tok_s"] / p["decode_tok_s"]
                                               for s, p in timed]),
-            "tau": evidence.median([p["tau"] for _, p in ran if p["tau"] is not None]),
+            "tau": pooled_tau([p for _, p in ran]),
             "failed": len(failed),
             "error": errors[0] if errors else None,
         }
     return out
+
+
+def pooled_tau(entries: list[dict[str, Any]]) -> float | None:
+    """Tokens per verify forward over all prompts, as our arm's `mean_accept_len` is counted
+    (a median of per-prompt taus would weigh a 9-block prompt like a 40-block one)."""
+    counted = [p for p in entries if p["tau"] is not None and p.get("blocks")]
+    blocks = sum(p["blocks"] for p in counted)
+    return sum(p["tau"] * p["blocks"] for p in counted) / blocks if blocks else None
 
 
 def summary(peers: dict[str, dict[str, Any]]) -> str:

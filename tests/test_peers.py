@@ -90,9 +90,17 @@ def _ran(record: dict, name: str) -> None:
         p = s["peers"][name]
         assert "error" not in p, p["error"]
         assert p["new_tokens"] >= 1 and p["decode_tok_s"] > 0 and p["tau"] >= 1
+        assert p["blocks"] >= 1
         assert isinstance(p["matches_ar"], bool) and p["how_called"] == peers.PEERS[name].how_called
     a = record["aggregate"]["peers"][name]
     assert a["ran"] == 2 and a["failed"] == 0 and a["fused_vs_peer"] > 0
+
+
+def test_peer_tau_is_pooled_over_blocks_as_ours_is():
+    entries = [{"tau": 10.0, "blocks": 9}, {"tau": 2.0, "blocks": 40},
+               {"tau": None, "blocks": None}]
+    assert peers.pooled_tau(entries) == pytest.approx((10 * 9 + 2 * 40) / 49)
+    assert peers.pooled_tau([{"tau": None, "blocks": None}]) is None
 
 
 def test_zlab_runs_its_own_loop_on_the_pair(pair, tmp_path):
