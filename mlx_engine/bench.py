@@ -177,7 +177,7 @@ class Bench:
                                                              block_size=policy))
 
         ar, fused = runs["ar"], runs["fused"]
-        extensions: dict[str, Any] = {
+        extensions: evidence.SampleExtensions = {
             "lossless": lossless and (profiled is None or profiled.tokens == ar.tokens),
             "source": prompt.source, "finish_reason": ar.stats.finish_reason, "mlx_lm": None}
         if "mlx_lm" in runs:
@@ -188,19 +188,20 @@ class Bench:
         if prompt.needle is not None:
             text = self.engine.tokenizer.decode(ar.tokens)
             extensions["retrieval"] = {"needle": prompt.needle, "found": prompt.needle in text}
-        record = evidence.sample_record(prompt.id, len(ids), self.width, ar, fused,
-                                        **extensions)
-        if self.args.repeats > 1:
-            for arm in ("ar", "fused"):
-                record[arm]["repeat_decode_tok_s"] = speeds[arm]
         if self.peers:
-            record["peers"] = {p.name: peers.record(p, runs.get(p.name), ar.tokens)
-                               for p in self.peers}
+            extensions["peers"] = {p.name: peers.record(p, runs.get(p.name), ar.tokens)
+                                   for p in self.peers}
+        ar_extra: evidence.ArmExtensions = {}
+        fused_extra: evidence.ArmExtensions = {}
+        if self.args.repeats > 1:
+            ar_extra["repeat_decode_tok_s"] = speeds["ar"]
+            fused_extra["repeat_decode_tok_s"] = speeds["fused"]
         if profiled is not None:
             s = profiled.stats
-            record["fused"]["profile"] = {"blocks": s.blocks, "decode_tok_s": s.decode_tok_s,
-                                          "time_split_s": evidence.time_split(s)}
-        return record
+            fused_extra["profile"] = {"blocks": s.blocks, "decode_tok_s": s.decode_tok_s,
+                                      "time_split_s": evidence.time_split(s)}
+        return evidence.sample_record(prompt.id, len(ids), self.width, ar, fused, extensions,
+                                      ar_extra, fused_extra)
 
 
 def bench_aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -131,13 +131,16 @@ class DFlashDrafter(nn.Module):
         cache: list[KVCache],
         embed_fn: Callable[[mx.array], mx.array],
         head_fn: Callable[[mx.array], mx.array],
+        drafts: int | None = None,
     ) -> mx.array:
-        """Logits [1, B-1, V] for block positions 1..B-1 (position i predicts token i)."""
+        """Logits [1, D, V] for block positions 1..D (position i predicts token i), D =
+        `drafts` or B-1: the head scores only the drafts a round will verify."""
         cfg = self.config
         x = embed_fn(block_ids) * cfg.input_embedding_scale
         for layer, c in zip(self.layers, cache, strict=True):
             x = layer(x, c)
-        logits = head_fn(self.norm(x[:, 1:])) * cfg.output_multiplier
+        end = None if drafts is None else 1 + drafts
+        logits = head_fn(self.norm(x[:, 1:end])) * cfg.output_multiplier
         if cfg.final_logit_softcapping:
             cap = cfg.final_logit_softcapping
             logits = mx.tanh(logits / cap) * cap

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import mlx.core as mx
 
@@ -121,12 +121,56 @@ def time_split(stats: DecodeStats) -> dict[str, float | None]:
     return {"draft": stats.draft_s, "verify": stats.verify_s, "extend": stats.extend_s}
 
 
+class Retrieval(TypedDict):
+    """bench NIAH: whether the AR output holds the needle."""
+
+    needle: str
+    found: bool
+
+
+class Profile(TypedDict):
+    """bench: the separate profiled fused run (an extra sync per block) and its time split."""
+
+    blocks: int
+    decode_tok_s: float
+    time_split_s: dict[str, float | None]
+
+
+class ArmExtensions(TypedDict, total=False):
+    """What a tool adds to one arm's timing."""
+
+    repeat_decode_tok_s: list[float]  # bench --repeats: every repeat; the arm keeps the median
+    profile: Profile
+
+
+class SampleExtensions(TypedDict, total=False):
+    """What a tool adds to one sample: the schema's optional sample keys. A given `lossless`
+    replaces the computed one (the bench's also covers its repeats and the profiled run)."""
+
+    lossless: bool
+    source: str
+    finish_reason: Literal["stop", "length"]
+    mlx_lm: dict[str, Any] | None
+    retrieval: Retrieval
+    peers: dict[str, dict[str, Any]]
+    server: dict[str, Any]
+
+
+def _checked(extra: dict[str, Any] | None, kind: type) -> dict[str, Any]:
+    """`extra` if its keys are the TypedDict's: a misspelt key fails here, not in the schema."""
+    unknown = set(extra or {}) - set(kind.__annotations__)
+    if unknown:
+        raise ValueError(f"not {kind.__name__} keys: {', '.join(sorted(unknown))}")
+    return dict(extra or {})
+
+
 def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
                   ar: RunResult | None, fused: RunResult | None,
-                  **extensions: Any) -> dict[str, Any]:
+                  extensions: SampleExtensions | None = None,
+                  ar_extra: ArmExtensions | None = None,
+                  fused_extra: ArmExtensions | None = None) -> dict[str, Any]:
     """One prompt's timings for each arm that ran, the token-for-token comparison, and what
-    a tool adds per sample (`extensions`: the keys the schema names, e.g. `source`, `mlx_lm`,
-    `server`; they replace the common keys they share a name with, as `lossless` may)."""
+    a tool adds per sample and per arm."""
     ran = fused or ar
     record: dict[str, Any] = {
         "prompt_id": prompt_id,
@@ -140,7 +184,7 @@ def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
         "output_sha256": output_sha256(ran.tokens),
     }
     if ar is not None:
-        record["ar"] = timing(ar)
+        record["ar"] = timing(ar) | _checked(ar_extra, ArmExtensions)
     if fused is not None:
         s = fused.stats
         record["fused"] = {
@@ -152,8 +196,8 @@ def sample_record(prompt_id: str, prompt_tokens: int, block_size: int | None,
             "blocks": s.blocks,
             "syncs_per_block": s.syncs_per_block,
             "time_split_s": time_split(s),
-        }
-    return record | extensions
+        } | _checked(fused_extra, ArmExtensions)
+    return record | _checked(extensions, SampleExtensions)
 
 
 def median(values: list[float]) -> float | None:

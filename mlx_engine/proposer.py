@@ -81,10 +81,14 @@ class DFlashDraftSource:
         self.drafter.extend_context(taps, self.cache)
 
     def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array:
-        """[B-1, V'] logits, V' = the draft vocabulary's size (the full vocab without one)."""
-        ids = mx.concatenate([anchor.astype(mx.int32), mx.repeat(self.mask, block_size - 1)])
+        """[block_size-1, V'] logits, V' = the draft vocabulary's size (the full vocab without
+        one). The drafter always sees its trained block (anchor + B-1 mask tokens): its block
+        attends both ways, so a narrower block would be an input it never saw and draft
+        worse; a narrow round verifies the first drafts of the full block."""
+        full = self.drafter.config.block_size
+        ids = mx.concatenate([anchor.astype(mx.int32), mx.repeat(self.mask, full - 1)])
         return self.drafter.draft_logits(ids[None], self.cache, self.verifier.embed,
-                                         self.head)[0]
+                                         self.head, drafts=block_size - 1)[0]
 
     def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
                 key: mx.array) -> tuple[mx.array, mx.array | None]:

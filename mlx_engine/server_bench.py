@@ -180,7 +180,7 @@ class Arms:
             "matches_generate": server.text == fused_text, "matches_ar": server.text == ar_text,
         }
         return evidence.sample_record(prompt.id, len(ids), self.engine.block_size(self.fixed),
-                                      ar, fused, server=served)
+                                      ar, fused, {"server": served})
 
     def concurrent(self, clients: int, prompts: list[tuple[workloads.Prompt, list[int]]]
                    ) -> dict[str, Any]:

@@ -221,29 +221,35 @@ def _ar_segment(
     clock: _RoundClock,
 ) -> Generator[list[int], None, tuple[int, int]]:
     """Plain AR steps inside the fused loop, pipelined like `ar_stream` (the next step is
-    queued before this one is read), for as long as the policy asks for width 1. Each step's
-    taps extend the drafter's context, so drafting can resume at any token. Returns the
-    width the policy chose next and the new anchor."""
+    queued before this one is read), for as long as the policy asks for width 1. Each step
+    keeps its taps; they extend the drafter's context in one batch when the segment ends,
+    so drafting can resume at any token and a step costs what an oracle step costs plus the
+    taps. Returns the width the policy chose next and the new anchor."""
+    taps: list[mx.array] = []
 
     def step(token: mx.array) -> mx.array:
         block = verifier.forward(token.reshape(1, 1), cache)
-        source.extend(block.taps)
+        taps.append(block.taps)
         return sampler.pick(block.logits[0, -1], next(keys))
 
     y = step(mx.array(anchor, dtype=mx.int32))
-    mx.async_eval(y, *source.pending())
-    while True:
-        width = policy.next_width()
-        if width == 1:
-            next_y = step(y)
-            mx.async_eval(next_y, *source.pending())
-        token = y.item()
-        emit.stats.ar_steps += 1
-        policy.record(1, 0, clock.lap())
-        yield emit.take([token])
-        if emit.done or width != 1:
-            return width, token
-        y = next_y
+    mx.async_eval(y, taps[-1])
+    try:
+        while True:
+            width = policy.next_width()
+            if width == 1:
+                next_y = step(y)
+                mx.async_eval(next_y, taps[-1])
+            token = y.item()
+            emit.stats.ar_steps += 1
+            policy.record(1, 0, clock.lap())
+            yield emit.take([token])
+            if emit.done or width != 1:
+                return width, token
+            y = next_y
+    finally:  # also when the consumer stops early: a prompt cache keeps the context rows
+        source.extend(mx.concatenate(taps, axis=1))
+        mx.async_eval(source.pending())
 
 
 @_on_generation_stream

@@ -242,3 +242,23 @@ def test_the_schema_tells_decoding_records_from_parity_records():
         evidence.validate({**header, "aggregate": decoding})
     with pytest.raises(jsonschema.ValidationError):
         evidence.validate({**header, "kind": "drafter-parity", "aggregate": decoding})
+
+
+def test_sample_extensions_are_the_schemas_keys_and_a_misspelt_one_fails():
+    """The TypedDicts name exactly the optional keys the schema knows for a sample and an arm."""
+    from mlx_engine.engine import RunResult
+    from mlx_engine.speculative import DecodeStats
+
+    defs = json.loads(evidence.SCHEMA_PATH.read_text())["$defs"]
+    sample_keys = set(defs["sample"]["properties"])
+    assert set(evidence.SampleExtensions.__annotations__) <= sample_keys
+    assert set(evidence.ArmExtensions.__annotations__) <= set(defs["timing_fused"]["properties"])
+    assert "repeat_decode_tok_s" in defs["timing_ar"]["properties"]
+    run = RunResult([1, 2], DecodeStats(prompt_tokens=3))
+    record = evidence.sample_record("p", 3, None, run, None, {"source": "s"},
+                                    ar_extra={"repeat_decode_tok_s": [1.0]})
+    assert record["source"] == "s" and record["ar"]["repeat_decode_tok_s"] == [1.0]
+    with pytest.raises(ValueError, match="not SampleExtensions keys: sorce"):
+        evidence.sample_record("p", 3, None, run, None, {"sorce": "s"})  # type: ignore[typeddict-unknown-key]
+    with pytest.raises(ValueError, match="not ArmExtensions keys: profil"):
+        evidence.sample_record("p", 3, None, run, None, ar_extra={"profil": {}})  # type: ignore[typeddict-unknown-key]

@@ -203,3 +203,19 @@ def test_adaptive_policy_falls_back_to_ar_and_climbs_back_losslessly(pair):
     assert len(before) <= 8, "and it must not keep probing at every AR step"
     assert after and after[-1] == 16, "right drafts must win the full width back"
     assert stats.accepted[-1] == 15
+
+
+def test_a_narrow_round_verifies_the_first_drafts_of_the_full_block(pair):
+    """The drafter's block attends both ways, so a round of any width drafts the trained
+    block (anchor + B-1 masks) and verifies its first drafts, never a shorter block."""
+    verifier, drafter = pair
+    source = DFlashDraftSource(drafter, verifier)
+    cache = verifier.make_cache()
+    verifier.prefill(mx.array([prompt_tokens(40, seed=5)]), cache, source.extend)
+    anchor = mx.array([7], dtype=mx.int32)
+    full = source.draft_logits(anchor, 16)
+    for width in (2, 4, 8):
+        narrow = source.draft_logits(anchor, width)
+        assert narrow.shape[0] == width - 1
+        assert mx.allclose(narrow, full[: width - 1], atol=1e-5)
+    assert drafter.config.block_size == 16
