@@ -4,7 +4,8 @@
 #
 # The device has torch + transformers but no mlx, no gguf and no network; a call carries at
 # most 64 MiB and the machine stays warm 30 s between calls. So the payload (GGUF, wheels,
-# token caches) travels as one tar cut in pieces, one back-to-back call each (see `pack`),
+# token caches; PEERS=1 adds z-lab's dflash for `--peers=zlab` in BENCH_FLAGS) travels as one
+# tar cut in pieces, one back-to-back call each (see `pack`),
 # each `stage`d into a dir that outlives the call; `train` and `bench` follow on the same
 # warm machine and unpack it:
 #
@@ -44,7 +45,8 @@
 # and weights, e.g. function_body=0.4,long=0.1,chat=0.2; replaces FUNCTION_PROMPTS), SEQ_LEN
 # (768; the long kind's 4k prompts need 4224), TRAIN_ONLY (pack: no MLX wheels), GEN_TOKENS
 # (256), GEN_LIMIT (unset), TRAIN_UNTIL (450), RESUME, INIT, DATA, BENCH_N (40), BENCH_TOKENS
-# (128), BENCH_DTYPES (bfloat16), BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-),
+# (128), BENCH_WORKLOAD (code; another one names the files), BENCH_DTYPES (bfloat16),
+# BENCH_BLOCKS (16 8 4 auto), BENCH_FLAGS (-), BENCH_ENVS (-),
 # BENCH_DRAFTERS (default[,/tmp/kakeya-run/drafter]), BENCH_QBITS (unset: the float verifier;
 # 4: mlx-lm's 4-bit quantization of it, group 64; gguf: the GGUF's own quantized blocks, kept by
 # `convert_gguf --keep-quantization`), EVAL_DRAFTERS (default,/tmp/kakeya-run/drafter), EVAL_KINDS
@@ -77,6 +79,7 @@ for p in g.chunk_paths(): print(p)')
     [[ -n ${TRAIN_ONLY:-} ]] || wheels+=(mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2
         jsonschema jsonschema-specifications referencing rpds-py attrs transformers==5.23.0
         huggingface-hub==1.33.0)
+    [[ -z ${PEERS:-} ]] || wheels+=(dflash==0.1.0)  # z-lab's runtime: bench --peers zlab
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 -d "$payload" \
         "${wheels[@]}"
@@ -151,6 +154,10 @@ mlx_setup() {  # device: mlx + mlx-cuda-13 + mlx-lm installed once, the verifier
     if [[ ! -d /tmp/mlx-site/mlx ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mlx-site \
             "$STAGE"/mlx-0.32.4-*.whl "$STAGE/$MLX_CUDA" "$STAGE"/mlx_lm-*.whl "$STAGE"/gguf-*.whl
+        if compgen -G "$STAGE/dflash-*.whl" > /dev/null; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mlx-site \
+                "$STAGE"/dflash-*.whl
+        fi
         # Fallbacks only where the machine lacks them (its own packages come first).
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/extra-site \
             "$STAGE"/jsonschema*.whl "$STAGE"/referencing-*.whl "$STAGE"/rpds_py-*.whl \
@@ -214,7 +221,7 @@ bench_queue() {  # device: GPU $1 of $2 runs every $2-th job, in order
         read -r d b t f e <<< "${@:i+1:1}"
         name=bundled
         [[ $d == default ]] || name=$(basename "$(dirname "$d")")
-        name+=${BENCH_QBITS:+-q$BENCH_QBITS}-b$b-$t
+        name+=${BENCH_QBITS:+-q$BENCH_QBITS}${BENCH_WORKLOAD:+-$BENCH_WORKLOAD}-b$b-$t
         [[ $f == - ]] || name+=$(tr -s ',=-' - <<< "-$f")
         [[ $e == - ]] || name+=-${e//[=,]/-}
         # shellcheck disable=SC2046  # e, f: comma-separated, no spaces
