@@ -170,8 +170,8 @@ mlx_setup() {  # device: mlx + mlx-cuda-13 + mlx-lm installed once, the verifier
     py=$(python3 -c 'import sys; print(":".join(sys.path[1:]))')
     export PYTHONPATH=/tmp/mlx-site:$PWD:$py:/tmp/extra-site PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
     python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
-    model=/tmp/g3-f32
-    [[ -f $model/config.json ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
+    model=/tmp/g3-f32  # (not needed by a bench of the GGUF's own blocks)
+    [[ -f $model/config.json || ${BENCH_QBITS:-} == gguf ]] || PYTHONPATH=/tmp/convert-site:$PYTHONPATH \
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
 }
 
