@@ -12,6 +12,7 @@ from tiny import WINDOW, drafter_config, prompt_tokens, save_model_dir, save_ran
 from mlx_engine import engine as engine_module
 from mlx_engine.engine import Engine, RunOptions
 from mlx_engine.errors import UserError
+from mlx_engine.policy import WidthScript
 from mlx_engine.prompt_cache import PromptCache
 from mlx_engine.proposer import DFlashDraftSource
 
@@ -157,6 +158,20 @@ def test_prompt_cache_after_a_stop_and_an_abandoned_run(engine):
     again = PROMPT + full + prompt_tokens(6, seed=25)
     tokens, _, done = _collect(engine.generate(again, options=OPTS, prompt_cache=cache))
     assert done[-1].stats.cached_tokens > len(PROMPT)
+    assert tokens == _cold_ar(engine, again, 40).tokens
+
+
+def test_a_fused_run_closed_during_ar_steps_keeps_their_drafter_rows(engine):
+    """AR steps inside the fused loop extend the drafter's context once per segment; a
+    consumer that stops mid-segment must still leave whole rows for the next turn."""
+    cache = PromptCache()
+    ar_steps = RunOptions(max_tokens=40, ignore_eos=True, block_size=WidthScript([1]))
+    responses = engine.generate(PROMPT, options=ar_steps, prompt_cache=cache)
+    got = [t for _, r in zip(range(6), responses, strict=False) for t in r.tokens]
+    responses.close()
+    again = PROMPT + got + prompt_tokens(6, seed=26)
+    tokens, _, done = _collect(engine.generate(again, options=OPTS, prompt_cache=cache))
+    assert done[-1].stats.cached_tokens >= len(PROMPT) + len(got) - 1
     assert tokens == _cold_ar(engine, again, 40).tokens
 
 
