@@ -221,8 +221,7 @@ def per_prompt(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Prompts where fused decoding ran more than 5% slower than AR, beside the noise floor
     under such per-prompt ratios (`--repeats` > 1): per prompt, its slowest AR repeat over its
     fastest (below 0.95: AR lost to itself by more than 5%)."""
-    ratios = [s["fused"]["decode_tok_s"] / s["ar"]["decode_tok_s"] for s in samples
-              if s["ar"] and s["fused"] and s["ar"]["decode_tok_s"] > 0]
+    ratios = evidence.fused_vs_ar(samples)
     out: dict[str, Any] = {"fused_vs_ar_below_0_95": sum(r < 0.95 for r in ratios),
                            "timed_prompts": len(ratios)}
     spread = [min(r) / max(r) for s in samples

@@ -204,21 +204,30 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def fused_vs_ar(samples: list[dict[str, Any]]) -> list[float]:
+    """Per sample with both arms timed: fused decode tok/s over AR's (same prompt)."""
+    return [s["fused"]["decode_tok_s"] / s["ar"]["decode_tok_s"] for s in samples
+            if s["ar"] and s["fused"] and s["ar"]["decode_tok_s"] > 0]
+
+
+def per_round(taus_and_rounds: list[tuple[float, int]]) -> float | None:
+    """Tokens per verify round over several runs: each run's tau weighted by its rounds (a
+    median of taus would weigh a 9-round answer like a 40-round one)."""
+    rounds = sum(n for _, n in taus_and_rounds)
+    return sum(t * n for t, n in taus_and_rounds) / rounds if rounds else None
+
+
 def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over samples; the speedup is the median of per-sample ratios (same prompt)."""
     ar = [s["ar"]["decode_tok_s"] for s in samples if s["ar"]]
     fused = [s["fused"]["decode_tok_s"] for s in samples if s["fused"]]
-    ratios = [s["fused"]["decode_tok_s"] / s["ar"]["decode_tok_s"] for s in samples
-              if s["ar"] and s["fused"] and s["ar"]["decode_tok_s"] > 0]
-    blocks = sum(s["fused"]["blocks"] for s in samples if s["fused"])
-    committed = sum(s["fused"]["mean_accept_len"] * s["fused"]["blocks"]
-                    for s in samples if s["fused"])
     compared = [s["lossless"] for s in samples if s["lossless"] is not None]
     return {
         "ar_decode_tok_s": median(ar),
         "fused_decode_tok_s": median(fused),
-        "speedup_vs_ar": median(ratios),
-        "mean_accept_len": committed / blocks if blocks else None,
+        "speedup_vs_ar": median(fused_vs_ar(samples)),
+        "mean_accept_len": per_round([(s["fused"]["mean_accept_len"], s["fused"]["blocks"])
+                                      for s in samples if s["fused"]]),
         "lossless_all": all(compared) if compared else None,
     }
 
@@ -239,17 +248,21 @@ def _header(engine: Engine, params: dict[str, Any], command: str | None) -> dict
     }
 
 
+def _drafter(engine: Engine, block_size: int) -> dict[str, Any]:
+    d = engine.drafter_info
+    return {"id": d.id, "sha256": d.sha256, "dtype": d.dtype, "block_size": block_size}
+
+
 def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str, Any]],
                  block_size: int | None, command: str | None = None,
                  workload: str | None = None,
                  aggregate_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A decoding record: header, samples, and the aggregate over them (plus what the tool
     aggregates of its own: `aggregate_extra`)."""
-    d = engine.drafter_info
     record = {
         **_header(engine, params, command),
-        "drafter": None if d is None or block_size is None else
-        {"id": d.id, "sha256": d.sha256, "dtype": d.dtype, "block_size": block_size},
+        "drafter": None if engine.drafter_info is None or block_size is None
+        else _drafter(engine, block_size),
         "samples": samples,
         "aggregate": aggregate(samples) | (aggregate_extra or {}),
     }
@@ -261,10 +274,8 @@ def build_record(engine: Engine, params: dict[str, Any], samples: list[dict[str,
 def parity_record(engine: Engine, params: dict[str, Any], result: dict[str, Any],
                   command: str | None = None) -> dict[str, Any]:
     """A drafter-parity record: the MLX drafter against the torch reference, no decoding."""
-    d = engine.drafter_info
     return {**_header(engine, params, command), "kind": "drafter-parity",
-            "drafter": {"id": d.id, "sha256": d.sha256, "dtype": d.dtype,
-                        "block_size": engine.drafter.config.block_size},
+            "drafter": _drafter(engine, engine.drafter.config.block_size),
             "aggregate": result}
 
 

@@ -280,11 +280,9 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def pooled_tau(entries: list[dict[str, Any]]) -> float | None:
-    """Tokens per verify forward over all prompts, as our arm's `mean_accept_len` is counted
-    (a median of per-prompt taus would weigh a 9-block prompt like a 40-block one)."""
-    counted = [p for p in entries if p["tau"] is not None and p.get("blocks")]
-    blocks = sum(p["blocks"] for p in counted)
-    return sum(p["tau"] * p["blocks"] for p in counted) / blocks if blocks else None
+    """Tokens per verify forward over all prompts, counted as our arm's `mean_accept_len`."""
+    return evidence.per_round([(p["tau"], p["blocks"]) for p in entries
+                               if p["tau"] is not None and p.get("blocks")])
 
 
 def summary(peers: dict[str, dict[str, Any]]) -> str:

@@ -69,7 +69,8 @@ class DFlashDraftSource:
         self.drafter = drafter
         self.verifier = verifier
         self.cache: list[KVCache] = drafter.make_context_cache() if cache is None else cache
-        self.mask = mx.array([drafter.config.mask_token_id], dtype=mx.int32)
+        cfg = drafter.config
+        self.masks = mx.full((cfg.block_size - 1,), cfg.mask_token_id, dtype=mx.int32)
         head = head or DraftHead(verifier)
         self.vocab_ids, self.head = head.vocab_ids, head.project
 
@@ -85,8 +86,7 @@ class DFlashDraftSource:
         one). The drafter always sees its trained block (anchor + B-1 mask tokens): its block
         attends both ways, so a narrower block would be an input it never saw and draft
         worse; a narrow round verifies the first drafts of the full block."""
-        full = self.drafter.config.block_size
-        ids = mx.concatenate([anchor.astype(mx.int32), mx.repeat(self.mask, full - 1)])
+        ids = mx.concatenate([anchor.astype(mx.int32), self.masks])
         return self.drafter.draft_logits(ids[None], self.cache, self.verifier.embed,
                                          self.head, drafts=block_size - 1)[0]
 
