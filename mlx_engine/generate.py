@@ -87,7 +87,8 @@ def _report(mode: str, prompt_len: int, result: RunResult, engine: Engine) -> st
             width = round(sum(s.widths) / s.blocks)
             line += (f", mean width {width} = {engine.round_costs.in_ar_steps(width):.2f} "
                      "AR steps")
-        line += f" | {s.ar_steps} AR steps | syncs/block {s.syncs_per_block:.2f}"
+        line += (f" | {s.ar_steps} AR steps ({s.shadows} shadow drafts) | syncs/block "
+                 f"{s.syncs_per_block:.2f}")
     return line
 
 

@@ -12,9 +12,13 @@ c(w) starts from rounds timed during warm-up on this device (`Engine.calibrate`)
 the rounds' measured times; p_j is estimated per draft position from exponentially decayed
 counts, and a new sequence starts from what earlier ones on the same engine saw (faded): the
 acceptance the drafter has been getting is the best guess for a short answer's first rounds.
-AR steps observe no drafts, so after falling back the policy probes one block every
-`backoff` steps, doubling the gap while probes keep losing: speculation costs at most one
-round's surplus per probe where it does not pay.
+AR steps verify no drafts, so while it decodes plainly the loop drafts a block in the shadow
+every `shadow_gap` steps: never verified, it is checked against the tokens AR then commits,
+which tells exactly how many of its first drafts a verify would have accepted (greedy).
+Acceptance is thus measured all along, at the cost of a drafter forward, not of a losing
+verify round; a shadow that would have paid for its round sends the next round back to
+drafting, so speculation resumes as soon as the text turns into one the drafter knows (a long
+answer's opening often is not). The gap doubles while shadows would not have paid.
 """
 
 from __future__ import annotations
@@ -30,20 +34,26 @@ COST_EMA = 0.2  # weight of a new round time in the shared drift
 LOCAL_EMA = 0.1  # ... and in its own width's correction (decisions rest on these ratios)
 PRIOR = 1.0  # pseudo-tries behind each draft position's prior
 SPIKE = 3.0  # a round more than this times its estimate is other load, clipped
-FIRST_BACKOFF, MAX_BACKOFF = 4, 64  # AR steps between probes after a fallback
+SHADOW_GAP, MAX_SHADOW_GAP = 4, 32  # AR steps between shadow drafts
+SHADOW_HORIZON = 4  # drafts a shadow checks at most: enough to tell a round that would pay
 # Leaving plain decoding (at a sequence's start too) needs this expected edge: an early block
 # that fails costs a third to half an AR step on a CPU, a large part of a short answer.
 ENTER = 1.1
 
 
 class WidthPolicy(Protocol):
-    """What the fused loop asks before every round and tells after it."""
+    """What the fused loop asks before every round and tells after it; during plain AR steps,
+    whether to draft in the shadow, and what a shadow draft would have had accepted."""
 
     max_width: int
 
     def next_width(self) -> int: ...
 
     def record(self, width: int, accepted: int, seconds: float) -> None: ...
+
+    def shadow_due(self) -> bool: ...
+
+    def observe_shadow(self, width: int, accepted: int) -> None: ...
 
 
 @dataclass
@@ -56,6 +66,12 @@ class FixedWidth:
         return self.max_width
 
     def record(self, width: int, accepted: int, seconds: float) -> None:
+        pass
+
+    def shadow_due(self) -> bool:
+        return False
+
+    def observe_shadow(self, width: int, accepted: int) -> None:
         pass
 
 
@@ -131,6 +147,12 @@ class WidthScript:
     def record(self, width: int, accepted: int, seconds: float) -> None:
         self.rounds.append((width, seconds))
 
+    def shadow_due(self) -> bool:
+        return False
+
+    def observe_shadow(self, width: int, accepted: int) -> None:
+        pass
+
 
 @dataclass
 class Acceptance:
@@ -190,12 +212,10 @@ class AdaptiveWidth:
         # what earlier sequences saw, faded: a prior for this one's first rounds
         self.acceptance = acceptance or Acceptance(self.max_width)
         self.acceptance.fade(CARRY)
-        self.backoff = FIRST_BACKOFF
-        self.ar_left = 0  # AR steps still to take before the probe
-        self.probe_due = False  # the next round drafts, whatever the estimates say
-        self.probing = False  # the round under way is a probe
-        self.probe_lost = False  # the last probe accepted nothing
         self.drafting = False  # the last decision drafted (else: plain AR steps)
+        self.shadow_gap = SHADOW_GAP
+        self.since_shadow = 0  # AR steps since the last shadow draft
+        self.probe_due = False  # a shadow would have paid: the next round drafts
 
     def rates(self) -> dict[int, float]:
         """Expected committed tokens per second of a round, by width."""
@@ -203,27 +223,34 @@ class AdaptiveWidth:
         return {w: expected[w - 1] / self.costs.cost(w) for w in self.candidates}
 
     def next_width(self) -> int:
-        if self.ar_left > 0:
-            self.ar_left -= 1
-            return 1
         rates = self.rates()
-        if self.probe_due:
-            self.probe_due, self.probing = False, True
-            return max(self.candidates[1:], key=rates.__getitem__)
         best = max(self.candidates[1:], key=rates.__getitem__)
-        if rates[best] > rates[1] * (1.0 if self.drafting else ENTER):
-            self.drafting, self.probe_lost = True, False
-            return best
-        # fall back to AR steps; probes that keep losing come ever more rarely
-        self.drafting = False
-        self.backoff = min(2 * self.backoff, MAX_BACKOFF) if self.probe_lost else FIRST_BACKOFF
-        self.ar_left, self.probe_due = self.backoff - 1, True
-        return 1
+        probe, self.probe_due = self.probe_due, False
+        self.drafting = rates[best] > rates[1] * (1.0 if self.drafting else ENTER)
+        return best if self.drafting or probe else 1
 
     def record(self, width: int, accepted: int, seconds: float) -> None:
         if math.isfinite(seconds) and seconds > 0:
             self.costs.observe(width, seconds)
         if width > 1:
             self.acceptance.observe(width, accepted)
-        if self.probing:
-            self.probing, self.probe_lost = False, accepted == 0
+
+    def shadow_due(self) -> bool:
+        """Asked once per AR step while no shadow draft is pending."""
+        if self.probe_due:  # the next round drafts anyway
+            return False
+        self.since_shadow += 1
+        if self.since_shadow < self.shadow_gap:
+            return False
+        self.since_shadow = 0
+        return True
+
+    def observe_shadow(self, width: int, accepted: int) -> None:
+        """A shadow draft of which the first `width - 1` were checked, `accepted` matched. If
+        a round verifying it would have beaten plain decoding, the next round drafts: the
+        decayed counts alone may still remember the text the drafter did not know."""
+        self.acceptance.observe(width, accepted)
+        paid = max((min(accepted, w - 1) + 1) / self.costs.cost(w) for w in self.candidates[1:])
+        self.probe_due = paid > 1 / self.costs.cost(1)
+        self.shadow_gap = (SHADOW_GAP if self.probe_due
+                           else min(2 * self.shadow_gap, MAX_SHADOW_GAP))

@@ -6,7 +6,8 @@ once -> trim the rejected rows -> queue the drafter context extension. In `two-p
 mode the drafter graph is materialised before the verifier graph is built (one graph for
 both has made Metal evaluation pathologically slow): 2 host syncs per block. `single` only
 queues the drafts, so the device drafts while the host builds the verify: 1 sync per block.
-A round of width 1 is a plain AR step (`_ar_segment`): the width policy's fallback.
+A round of width 1 is a plain AR step (`_ar_segment`): the width policy's fallback, during
+which a block drafted now and then in the shadow keeps measuring acceptance.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
-from .policy import WidthPolicy
+from .policy import SHADOW_HORIZON, WidthPolicy
 from .proposer import DraftSource
 from .sampling import GREEDY, Sampler
 from .verifier import Verifier
@@ -41,6 +42,7 @@ class DecodeStats:
     accepted: list[int] = field(default_factory=list)  # drafts accepted per block
     widths: list[int] = field(default_factory=list)  # verified rows per block
     ar_steps: int = 0  # rounds the width policy spent on plain AR steps (one sync each)
+    shadows: int = 0  # blocks drafted during AR steps to measure acceptance, never verified
     draft_s: float = 0.0
     verify_s: float = 0.0
     extend_s: float | None = None
@@ -209,6 +211,38 @@ class _RoundClock:
         return elapsed
 
 
+class _Shadow:
+    """A block drafted during plain AR steps and never verified: the tokens AR commits next
+    tell how many of its first SHADOW_HORIZON drafts a greedy verify would have accepted, so
+    the width policy keeps measuring acceptance while it does not draft (a drafter forward,
+    no verify)."""
+
+    def __init__(self, source: DraftSource, taps: list[mx.array], anchor: int, width: int):
+        """`taps`: the segment's rows not yet in the drafter's context, the last one the
+        anchor's own (the anchor is the block's input, as in a drafted round)."""
+        source.extend(mx.concatenate(taps[:-1], axis=1))
+        del taps[:-1]
+        anchor_arr = mx.array([anchor], dtype=mx.int32)
+        self.drafts, _ = source.propose(anchor_arr, width, GREEDY, mx.random.key(0))
+        mx.async_eval(self.drafts, source.pending())
+        self.expected: list[int] | None = None
+        self.seen = 0
+
+    def see(self, token: int) -> tuple[int, int] | None:
+        """The next committed token; (width, accepted) once the outcome is known."""
+        if self.expected is None:  # drafted steps ago: reading it does not stall the device
+            self.expected = self.drafts.tolist()
+        self.seen += 1
+        if token != self.expected[self.seen - 1]:
+            return self.seen + 1, self.seen - 1
+        done = self.seen == min(len(self.expected), SHADOW_HORIZON)
+        return (self.seen + 1, self.seen) if done else None
+
+    def end(self) -> tuple[int, int] | None:
+        """The outcome so far when the segment ends: every token seen matched."""
+        return (self.seen + 1, self.seen) if self.seen else None
+
+
 def _ar_segment(
     verifier: Verifier,
     source: DraftSource,
@@ -222,10 +256,12 @@ def _ar_segment(
 ) -> Generator[list[int], None, tuple[int, int]]:
     """Plain AR steps inside the fused loop, pipelined like `ar_stream` (the next step is
     queued before this one is read), for as long as the policy asks for width 1. Each step
-    keeps its taps; they extend the drafter's context in one batch when the segment ends,
-    so drafting can resume at any token and a step costs what an oracle step costs plus the
-    taps. Returns the width the policy chose next and the new anchor."""
+    keeps its taps; they extend the drafter's context in one batch when the segment ends (or
+    before a shadow draft), so drafting can resume at any token and a step costs what an
+    oracle step costs plus the taps. Returns the width the policy chose next and the new
+    anchor."""
     taps: list[mx.array] = []
+    shadow: _Shadow | None = None
 
     def step(token: mx.array) -> mx.array:
         block = verifier.forward(token.reshape(1, 1), cache)
@@ -241,6 +277,12 @@ def _ar_segment(
                 next_y = step(y)
                 mx.async_eval(next_y, taps[-1])
             token = y.item()
+            if shadow is not None and (outcome := shadow.see(token)) is not None:
+                policy.observe_shadow(*outcome)
+                shadow = None
+            if width == 1 and shadow is None and policy.shadow_due():
+                shadow = _Shadow(source, taps, token, min(policy.max_width, SHADOW_HORIZON + 1))
+                emit.stats.shadows += 1
             emit.stats.ar_steps += 1
             policy.record(1, 0, clock.lap())
             yield emit.take([token])
@@ -248,6 +290,8 @@ def _ar_segment(
                 return width, token
             y = next_y
     finally:  # also when the consumer stops early: a prompt cache keeps the context rows
+        if shadow is not None and (outcome := shadow.end()) is not None:
+            policy.observe_shadow(*outcome)
         source.extend(mx.concatenate(taps, axis=1))
         mx.async_eval(source.pending())
 

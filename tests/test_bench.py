@@ -51,7 +51,8 @@ def test_bench_runs_every_workload(pair, tmp_path, workload):
         assert s["lossless"] is True and s["first_divergence"] is None
         assert set(s["fused"]["profile"]["time_split_s"]) == {"draft", "verify", "extend"}
         assert s["fused"]["profile"]["time_split_s"]["extend"] is not None
-        assert s["fused"]["syncs_per_block"] == 2
+        # two-phase: 2 syncs per drafted block (a random drafter may soon draft only shadows)
+        assert s["fused"]["syncs_per_block"] == (2 if s["fused"]["blocks"] else 0)
         assert isinstance(s["mlx_lm"]["matches_ar"], bool)
         assert s["mlx_lm"]["new_tokens"] >= 1 and s["ar"]["e2e_tok_s"] > 0
         assert (s.get("retrieval") is not None) == (workload == "niah")

@@ -219,3 +219,51 @@ def test_a_narrow_round_verifies_the_first_drafts_of_the_full_block(pair):
         assert narrow.shape[0] == width - 1
         assert mx.allclose(narrow, full[: width - 1], atol=1e-5)
     assert drafter.config.block_size == 16
+
+
+class ShadowEveryStep:
+    """Plain AR steps only, drafting in the shadow whenever no shadow is pending (or never);
+    keeps every shadow's outcome."""
+
+    max_width = 16
+
+    def __init__(self, shadows: bool):
+        self.shadows = shadows
+        self.outcomes: list[tuple[int, int]] = []
+
+    def next_width(self) -> int:
+        return 1
+
+    def record(self, width: int, accepted: int, seconds: float) -> None:
+        pass
+
+    def shadow_due(self) -> bool:
+        return self.shadows
+
+    def observe_shadow(self, width: int, accepted: int) -> None:
+        self.outcomes.append((width, accepted))
+
+
+def test_shadow_drafts_measure_acceptance_and_leave_output_and_context_alone(pair):
+    """Blocks drafted during AR steps are checked against the tokens AR commits next (here
+    right for 3 drafts, then wrong) and change neither the output nor the drafter's context
+    rows, which they extend early."""
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=23)
+    n = 48
+    reference = _ar(verifier, prompt, n + 16)
+    runs = {}
+    for shadows in (True, False):
+        source = ForcedSource(drafter, verifier, len(prompt), reference, correct=3)
+        policy, stats = ShadowEveryStep(shadows), DecodeStats()
+        tokens = collect(fused_stream(verifier, source, prompt, n, policy, stats=stats))
+        runs[shadows] = tokens, source, policy, stats
+    tokens, source, policy, stats = runs[True]
+    plain_tokens, plain_source, _, plain_stats = runs[False]
+    assert tokens == plain_tokens == reference[:n]
+    assert stats.ar_steps == n - 1 and stats.shadows >= 8 and plain_stats.shadows == 0
+    assert set(policy.outcomes[:-1]) == {(5, 3)}  # the last may end with the run
+    for a, b in zip(source.cache, plain_source.cache, strict=True):
+        assert a.offset == b.offset >= len(prompt) + n - 1
+        assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-5)
+        assert mx.allclose(a.values[..., : a.offset, :], b.values[..., : b.offset, :], atol=1e-5)

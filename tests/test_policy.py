@@ -7,8 +7,9 @@ from itertools import pairwise
 import pytest
 
 from mlx_engine.policy import (
-    FIRST_BACKOFF,
-    MAX_BACKOFF,
+    MAX_SHADOW_GAP,
+    SHADOW_GAP,
+    SHADOW_HORIZON,
     AdaptiveWidth,
     RoundCosts,
     WidthScript,
@@ -24,16 +25,27 @@ class FrozenCosts(RoundCosts):
         pass
 
 
-def _run(costs: dict[int, float], accepted, rounds: int = 60) -> list[tuple[int, int]]:
-    """Drive a policy for `rounds` rounds; `accepted(width)` is each block's outcome."""
-    policy = AdaptiveWidth(FrozenCosts(costs), 16)
-    out = []
-    for _ in range(rounds):
+def _drive(policy: AdaptiveWidth, accepted, rounds: int) -> tuple[list[tuple[int, int]],
+                                                                     list[int]]:
+    """`rounds` rounds; `accepted(width)` is a block's outcome, also a shadow draft's (checked
+    up to its first wrong draft). Returns (width, accepted) per round and the rounds at which
+    a shadow was drafted."""
+    out, shadows = [], []
+    for i in range(rounds):
         width = policy.next_width()
         got = 0 if width == 1 else accepted(width)
         policy.record(width, got, 1.0)
+        if width == 1 and policy.shadow_due():  # checked up to a miss or the horizon
+            matched = accepted(policy.max_width)
+            seen = min(matched + 1, SHADOW_HORIZON)
+            policy.observe_shadow(seen + 1, min(matched, seen))
+            shadows.append(i)
         out.append((width, got))
-    return out
+    return out, shadows
+
+
+def _run(costs: dict[int, float], accepted, rounds: int = 60) -> list[tuple[int, int]]:
+    return _drive(AdaptiveWidth(FrozenCosts(costs), 16), accepted, rounds)[0]
 
 
 @pytest.mark.parametrize("costs", [CPU_LIKE, GPU_LIKE])
@@ -42,13 +54,13 @@ def test_a_drafter_always_right_gets_the_full_width(costs):
 
 
 @pytest.mark.parametrize("costs", [CPU_LIKE, GPU_LIKE])
-def test_a_drafter_always_wrong_falls_back_to_ar_with_ever_rarer_probes(costs):
-    widths = [w for w, _ in _run(costs, lambda w: 0, rounds=200)]
-    probes = [i for i, w in enumerate(widths) if w > 1]
-    assert len(probes) <= 8 and widths[-60:].count(1) >= 58
-    gaps = [b - a - 1 for a, b in pairwise(probes)]
-    assert gaps[-1] >= 2 * FIRST_BACKOFF and gaps == sorted(gaps)
-    assert max(gaps) <= MAX_BACKOFF
+def test_a_drafter_always_wrong_falls_back_to_ar_with_ever_rarer_shadow_drafts(costs):
+    rounds, shadows = _drive(AdaptiveWidth(FrozenCosts(costs), 16), lambda w: 0, 200)
+    widths = [w for w, _ in rounds]
+    assert widths.count(1) >= 195, "no verify round once the drafts are known to fail"
+    gaps = [b - a for a, b in pairwise(shadows)]
+    assert shadows[0] <= SHADOW_GAP + 2 and gaps[0] == 2 * SHADOW_GAP  # each one failed
+    assert gaps == sorted(gaps) and gaps[-1] == MAX_SHADOW_GAP
 
 
 def test_one_accepted_draft_keeps_narrow_blocks_not_ar():
@@ -56,21 +68,18 @@ def test_one_accepted_draft_keeps_narrow_blocks_not_ar():
     assert 1 not in widths and set(widths[5:]) <= {2, 4}
 
 
-def test_a_probe_that_wins_brings_speculation_back():
-    text_known = [False]
-    history = _run(CPU_LIKE, lambda w: w - 1 if text_known[0] else 0, rounds=30)
-    assert history[-1][0] == 1  # fell back while the drafts were wrong
-    text_known[0] = True
+def test_shadow_drafts_bring_speculation_back_when_the_text_turns_known():
+    """While it takes AR steps the policy verifies nothing; only its shadow drafts can see
+    that the drafter now knows the text."""
+    known = [False]
     policy = AdaptiveWidth(FrozenCosts(CPU_LIKE), 16)
-    for width, got in history:  # replay the wrong phase into a fresh policy ...
-        policy.next_width()
-        policy.record(width, got, 1.0)
-    widths = []
-    for _ in range(60):  # ... then the drafts turn right
-        width = policy.next_width()
-        policy.record(width, 0 if width == 1 else width - 1, 1.0)
-        widths.append(width)
-    assert widths[-1] == 16 and widths.index(16) < 40
+    history, _ = _drive(policy, lambda w: w - 1 if known[0] else 0, 30)
+    assert history[-1][0] == 1  # fell back while the drafts were wrong
+    known[0] = True
+    history, shadows = _drive(policy, lambda w: w - 1 if known[0] else 0, 60)
+    widths = [w for w, _ in history]
+    assert shadows and min(i for i, w in enumerate(widths) if w > 1) == shadows[0] + 1
+    assert widths[-1] == 16
 
 
 def test_round_costs_median_spikes_and_drift():
@@ -97,3 +106,12 @@ def test_calibration_plan():
     for w in (1, 4, 4):
         script.record(w, 0, 0.5)
     assert script.done
+
+
+def test_only_a_shadow_that_would_have_paid_sends_the_next_round_to_drafting():
+    policy = AdaptiveWidth(FrozenCosts(CPU_LIKE), 16)
+    _drive(policy, lambda w: 0, 40)  # fallen back: the counts say the drafter is wrong
+    policy.observe_shadow(2, 0)
+    assert policy.next_width() == 1
+    policy.observe_shadow(SHADOW_HORIZON + 1, SHADOW_HORIZON)  # 5 tokens for a 1.2-1.8 round
+    assert policy.next_width() > 1

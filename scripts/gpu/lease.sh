@@ -15,10 +15,8 @@
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh bench
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh vocab DIR; ... eval
 #
-# The working tree travels with every call and counts against the 64 MiB, and the bundled
-# drafter alone is 31 MiB: move mlx_engine/drafters/gemma3-270m-dflash out of the tree for
-# the staging calls and back for the others (they need it: --init, --draft default);
-# PIECE (bytes, default 44 MB) must leave room for the rest of the tree. The
+# The working tree travels with every call and counts against the 64 MiB (about 39 MiB with
+# the bundled drafter), so PIECE (bytes, default 19 MB: about 19 carries) leaves room for it. The
 # prompts are tokenized here, one token cache per seed in SEEDS (default: SEED), so that
 # several training calls on one machine each get fresh prompts (train reads data-$SEED.npz).
 #
@@ -93,7 +91,7 @@ for p in g.chunk_paths(): print(p)')
         cp "/tmp/kakeya-prep-$seed/data.npz" "$payload/data-$seed.npz"
     done
     # One tar, cut in pieces that fit beside the working tree (64 MiB a call in all).
-    tar -C "$payload" -cf - . | split -b "${PIECE:-44000000}" -d - "$payload.piece."
+    tar -C "$payload" -cf - . | split -b "${PIECE:-19000000}" -d - "$payload.piece."
     local k=1 piece
     for piece in "$payload".piece.*; do
         mkdir -p ".gpu_carry/$k" && mv "$piece" ".gpu_carry/$k/"
