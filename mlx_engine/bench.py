@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for peer in bench.peers:
         if isinstance(peer, peers.Unavailable):
             print(f"peer {peer.name} unavailable: {peer.why}", file=sys.stderr)
-    ids = [engine.encode(p.messages if p.messages and engine.has_chat_template else p.text,
-                         args.chat_template) for p in prompts]
+    ids = [workloads.encode(engine, p, args.chat_template) for p in prompts]
 
     blas_info = blas.detect()  # after every input check: bad input prints one line only
     print(f"blas: {blas_info.describe()}", file=sys.stderr)

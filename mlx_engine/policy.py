@@ -56,8 +56,18 @@ class WidthPolicy(Protocol):
     def observe_shadow(self, width: int, accepted: int) -> None: ...
 
 
+class NeverShadows:
+    """For policies that take no shadow drafts: a fixed or a scripted width."""
+
+    def shadow_due(self) -> bool:
+        return False
+
+    def observe_shadow(self, width: int, accepted: int) -> None:
+        pass
+
+
 @dataclass
-class FixedWidth:
+class FixedWidth(NeverShadows):
     """Every round verifies `max_width` rows (the drafter's block size, or `--block-size N`)."""
 
     max_width: int
@@ -66,12 +76,6 @@ class FixedWidth:
         return self.max_width
 
     def record(self, width: int, accepted: int, seconds: float) -> None:
-        pass
-
-    def shadow_due(self) -> bool:
-        return False
-
-    def observe_shadow(self, width: int, accepted: int) -> None:
         pass
 
 
@@ -128,7 +132,7 @@ def calibration_widths(max_width: int) -> list[int]:
     return sorted(widths)
 
 
-class WidthScript:
+class WidthScript(NeverShadows):
     """Plays a list of widths and keeps every round's time: the warm-up calibration run."""
 
     def __init__(self, widths: list[int]):
@@ -146,12 +150,6 @@ class WidthScript:
 
     def record(self, width: int, accepted: int, seconds: float) -> None:
         self.rounds.append((width, seconds))
-
-    def shadow_due(self) -> bool:
-        return False
-
-    def observe_shadow(self, width: int, accepted: int) -> None:
-        pass
 
 
 @dataclass

@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = workloads.load(args.workload)[: args.n]
     engine = Engine.load(args.model, args.draft, args.dtype)
     width = engine.block_size(fixed)
-    ids = [engine.encode(p.messages if p.messages and engine.has_chat_template else p.text,
-                         False) for p in prompts]
+    ids = [workloads.encode(engine, p) for p in prompts]
     engine.warmup(RunOptions(block_size=fixed))
     server_args = ["--model", args.model, "--draft", args.draft,
                    "--max-tokens", str(args.max_tokens)]

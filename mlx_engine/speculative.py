@@ -217,12 +217,13 @@ class _Shadow:
     the width policy keeps measuring acceptance while it does not draft (a drafter forward,
     no verify)."""
 
-    def __init__(self, source: DraftSource, taps: list[mx.array], anchor: int, width: int):
+    def __init__(self, source: DraftSource, taps: list[mx.array], anchor: int, max_width: int):
         """`taps`: the segment's rows not yet in the drafter's context, the last one the
         anchor's own (the anchor is the block's input, as in a drafted round)."""
         source.extend(mx.concatenate(taps[:-1], axis=1))
         del taps[:-1]
         anchor_arr = mx.array([anchor], dtype=mx.int32)
+        width = min(max_width, SHADOW_HORIZON + 1)  # the head scores only the checked drafts
         self.drafts, _ = source.propose(anchor_arr, width, GREEDY, mx.random.key(0))
         mx.async_eval(self.drafts, source.pending())
         self.expected: list[int] | None = None
@@ -235,8 +236,7 @@ class _Shadow:
         self.seen += 1
         if token != self.expected[self.seen - 1]:
             return self.seen + 1, self.seen - 1
-        done = self.seen == min(len(self.expected), SHADOW_HORIZON)
-        return (self.seen + 1, self.seen) if done else None
+        return (self.seen + 1, self.seen) if self.seen == len(self.expected) else None
 
     def end(self) -> tuple[int, int] | None:
         """The outcome so far when the segment ends: every token seen matched."""
@@ -281,7 +281,7 @@ def _ar_segment(
                 policy.observe_shadow(*outcome)
                 shadow = None
             if width == 1 and shadow is None and policy.shadow_due():
-                shadow = _Shadow(source, taps, token, min(policy.max_width, SHADOW_HORIZON + 1))
+                shadow = _Shadow(source, taps, token, policy.max_width)
                 emit.stats.shadows += 1
             emit.stats.ar_steps += 1
             policy.record(1, 0, clock.lap())

@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     fixed = engine.block_size(None)
     report: dict[str, Any] = {"round_cost_s": engine.round_costs.measured_json(), "prompts": []}
     for prompt in workloads.load(args.workload)[: args.n]:
-        use_chat = bool(prompt.messages) and engine.has_chat_template
-        ids = engine.encode(prompt.messages if use_chat else prompt.text, use_chat)
+        ids = workloads.encode(engine, prompt)
         opts = RunOptions(max_tokens=args.max_tokens, graph=args.graph,
                           ignore_eos=prompt.ignore_eos, stop=tuple(prompt.stop or ()))
         ar = engine.run("ar", ids, opts).stats

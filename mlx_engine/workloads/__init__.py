@@ -68,6 +68,13 @@ def load(workload: str) -> list[Prompt]:
     return prompts
 
 
+def encode(engine, prompt: Prompt, chat_template: bool | None = False) -> list[int]:
+    """A prompt's tokens: its conversation through the tokenizer's chat template where there
+    is one, else its text (`chat_template` as `Engine.encode` takes it)."""
+    use_messages = bool(prompt.messages) and engine.has_chat_template
+    return engine.encode(prompt.messages if use_messages else prompt.text, chat_template)
+
+
 def save(prompts: list[Prompt], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(p.to_json() + "\n" for p in prompts), encoding="utf-8")
