@@ -191,6 +191,13 @@ class Engine:
             return AdaptiveWidth(costs, self.block_size(None), acceptance)
         if isinstance(block_size, int):
             return FixedWidth(self.block_size(block_size))
+        if not isinstance(block_size, WidthPolicy):
+            missing = [m for m in ("max_width", "next_width", "record", "shadow_due",
+                                   "observe_shadow") if not hasattr(block_size, m)]
+            raise UserError(f"block_size must be an int, None or a WidthPolicy; "
+                            f"{type(block_size).__name__} lacks {', '.join(missing)} "
+                            f"(a policy that never drafts in the shadow can inherit "
+                            f"mlx_engine.policy.NeverShadows)")
         return block_size
 
     def generate(self, prompt: Prompt, *, options: RunOptions | None = None,

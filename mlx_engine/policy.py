@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 DECAY = 0.9  # per round: acceptance follows the text as it changes
 CARRY = 0.3  # what a new sequence keeps of the acceptance earlier ones saw
@@ -41,9 +41,11 @@ SHADOW_HORIZON = 4  # drafts a shadow checks at most: enough to tell a round tha
 ENTER = 1.1
 
 
+@runtime_checkable
 class WidthPolicy(Protocol):
     """What the fused loop asks before every round and tells after it; during plain AR steps,
-    whether to draft in the shadow, and what a shadow draft would have had accepted."""
+    whether to draft in the shadow, and what a shadow draft would have had accepted. A policy
+    that never drafts in the shadow inherits `NeverShadows`."""
 
     max_width: int
 

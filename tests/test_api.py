@@ -12,7 +12,7 @@ from tiny import WINDOW, drafter_config, prompt_tokens, save_model_dir, save_ran
 from mlx_engine import engine as engine_module
 from mlx_engine.engine import Engine, RunOptions
 from mlx_engine.errors import UserError
-from mlx_engine.policy import WidthScript
+from mlx_engine.policy import NeverShadows, WidthScript
 from mlx_engine.prompt_cache import PromptCache
 from mlx_engine.proposer import DFlashDraftSource
 
@@ -98,6 +98,21 @@ def test_bad_requests_raise_user_error_before_anything_runs(engine):
         engine.generate([])
     with pytest.raises(UserError, match="between 2 and"):
         engine.generate(PROMPT, options=RunOptions(block_size=BLOCK + 1))
+
+    class OldPolicy:  # a width policy written before shadow drafts existed
+        max_width = BLOCK
+
+        def next_width(self) -> int:
+            return BLOCK
+
+        def record(self, width: int, accepted: int, seconds: float) -> None:
+            pass
+
+    with pytest.raises(UserError, match=r"lacks shadow_due, observe_shadow.*NeverShadows"):
+        engine.generate(PROMPT, options=RunOptions(block_size=OldPolicy()))
+    upgraded = type("Upgraded", (NeverShadows, OldPolicy), {})()
+    run = engine.run("fused", PROMPT, RunOptions(12, ignore_eos=True, block_size=upgraded))
+    assert run.tokens == engine.run("ar", PROMPT, RunOptions(12, ignore_eos=True)).tokens
 
 
 def test_a_conversation_without_a_chat_template_takes_the_plain_form(engine):
