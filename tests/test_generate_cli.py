@@ -56,7 +56,8 @@ def test_adaptive_width_records_its_calibration(pair, tmp_path, capsys):
     fused = record["samples"][0]["fused"]
     assert sum(fused["accept_hist"]) == fused["blocks"]
     emitted = sum((a + 1) * n for a, n in enumerate(fused["accept_hist"])) + fused["ar_steps"]
-    assert emitted == 48 - 1  # the prefill emits the first token
+    # the prefill emits the first token; a last block may commit up to 7 drafts past the cap
+    assert 48 - 1 <= emitted <= 48 - 1 + 7
     assert set(record["params"]["round_cost_s"]) == {"1", "2", "4", "8"}
     assert "charged to no arm" in record["params"]["timing"]
     assert "speedup vs AR" in capsys.readouterr().err
