@@ -19,6 +19,13 @@ Acceptance is thus measured all along, at the cost of a drafter forward, not of 
 verify round; a shadow that would have paid for its round sends the next round back to
 drafting, so speculation resumes as soon as the text turns into one the drafter knows (a long
 answer's opening often is not). The gap doubles while shadows would not have paid.
+
+A new sequence's text may be one the drafter does not know, and the counts carried from earlier
+sequences take several failed rounds to notice; on a CPU each costs half an AR step or more, a
+large part of a short answer. So `FAILED_OPENING` drafted rounds that accept nothing before
+the sequence's first accepted draft send it to AR steps whatever the counts say (a shadow that
+would have paid, then a probe round that accepts a draft, end that). Later failures are left
+to the sequence's own counts: the same rule there cost `code` 5-10% (scripts/policy_sim.py).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ SHADOW_HORIZON = 4  # drafts a shadow checks at most: enough to tell a round tha
 # Leaving plain decoding (at a sequence's start too) needs this expected edge: an early block
 # that fails costs a third to half an AR step on a CPU, a large part of a short answer.
 ENTER = 1.1
+FAILED_OPENING = 2  # failed rounds before a sequence's first accepted draft: unknown text
 
 
 @runtime_checkable
@@ -216,6 +224,7 @@ class AdaptiveWidth:
         self.shadow_gap = SHADOW_GAP
         self.since_shadow = 0  # AR steps since the last shadow draft
         self.probe_due = False  # a shadow would have paid: the next round drafts
+        self.opening_failures: int | None = 0  # None once a draft was accepted
 
     def rates(self) -> dict[int, float]:
         """Expected committed tokens per second of a round, by width."""
@@ -226,7 +235,9 @@ class AdaptiveWidth:
         rates = self.rates()
         best = max(self.candidates[1:], key=rates.__getitem__)
         probe, self.probe_due = self.probe_due, False
-        self.drafting = rates[best] > rates[1] * (1.0 if self.drafting else ENTER)
+        pays = rates[best] > rates[1] * (1.0 if self.drafting else ENTER)
+        opening_failed = (self.opening_failures or 0) >= FAILED_OPENING
+        self.drafting = pays and not opening_failed
         return best if self.drafting or probe else 1
 
     def record(self, width: int, accepted: int, seconds: float) -> None:
@@ -234,6 +245,8 @@ class AdaptiveWidth:
             self.costs.observe(width, seconds)
         if width > 1:
             self.acceptance.observe(width, accepted)
+            if self.opening_failures is not None:
+                self.opening_failures = None if accepted else self.opening_failures + 1
 
     def shadow_due(self) -> bool:
         """Asked once per AR step while no shadow draft is pending."""

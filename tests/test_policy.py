@@ -7,6 +7,7 @@ from itertools import pairwise
 import pytest
 
 from mlx_engine.policy import (
+    FAILED_OPENING,
     MAX_SHADOW_GAP,
     SHADOW_GAP,
     SHADOW_HORIZON,
@@ -80,6 +81,28 @@ def test_shadow_drafts_bring_speculation_back_when_the_text_turns_known():
     widths = [w for w, _ in history]
     assert shadows and min(i for i, w in enumerate(widths) if w > 1) == shadows[0] + 1
     assert widths[-1] == 16
+
+
+def test_a_failed_opening_falls_back_whatever_the_carried_acceptance():
+    """A sequence after one the drafter knew by heart: its counts still say draft wide, but
+    the text changed, and two failed rounds before any accepted draft stop verifying."""
+    known = AdaptiveWidth(FrozenCosts(CPU_LIKE), 16)
+    _drive(known, lambda w: w - 1, 40)
+    unknown = AdaptiveWidth(FrozenCosts(CPU_LIKE), 16, known.acceptance)
+    history, _ = _drive(unknown, lambda w: 0, 12)
+    widths = [w for w, _ in history]
+    assert all(w > 1 for w in widths[:FAILED_OPENING]) and widths[FAILED_OPENING:] == [1] * 10
+    assert unknown.acceptance.probs()[0] > 0.4  # the counts alone would have drafted on
+
+
+def test_failures_after_an_accepted_draft_are_left_to_the_counts():
+    """Mid-answer, a few failed rounds in a row are common on text the drafter knows well."""
+    known = AdaptiveWidth(FrozenCosts(CPU_LIKE), 16)
+    _drive(known, lambda w: w - 1, 40)
+    policy = AdaptiveWidth(FrozenCosts(CPU_LIKE), 16, known.acceptance)
+    outcomes = iter([3] + [0] * (FAILED_OPENING + 1))
+    history, _ = _drive(policy, lambda w: min(next(outcomes), w - 1), FAILED_OPENING + 2)
+    assert all(w > 1 for w, _ in history)
 
 
 def test_round_costs_median_spikes_and_drift():
