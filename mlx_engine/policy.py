@@ -236,7 +236,8 @@ class AdaptiveWidth:
         best = max(self.candidates[1:], key=rates.__getitem__)
         probe, self.probe_due = self.probe_due, False
         pays = rates[best] > rates[1] * (1.0 if self.drafting else ENTER)
-        opening_failed = (self.opening_failures or 0) >= FAILED_OPENING
+        opening_failed = (self.opening_failures is not None
+                          and self.opening_failures >= FAILED_OPENING)
         self.drafting = pays and not opening_failed
         return best if self.drafting or probe else 1
 

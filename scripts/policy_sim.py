@@ -101,8 +101,8 @@ def simulate_prompt(policy: AdaptiveWidth, accepted: list[int], costs: dict[int,
             seconds += costs[1]
             if shadow is not None:
                 seen, hit = pos - shadow, min(accepted[shadow], SHADOW_HORIZON)
-                if seen > hit or seen == SHADOW_HORIZON:
-                    policy.observe_shadow(min(seen, hit) + 1 + (seen > hit), hit)
+                if seen > hit or seen == SHADOW_HORIZON:  # a wrong draft, or all checked
+                    policy.observe_shadow(hit + 1 + (seen > hit), hit)
                     shadow = None
             if width == 1 and shadow is None and policy.shadow_due():
                 shadow, shadows = pos, shadows + 1
@@ -139,12 +139,12 @@ def simulate(args: argparse.Namespace) -> None:
             results.append({"id": row["id"], **simulate_prompt(policy, row["accepted"], costs,
                                                               args.shadow_cost)})
         ratios = [r["fused_vs_ar"] for r in results]
-        report["workloads"][name] = {
+        summary = report["workloads"][name] = {
             "median": statistics.median(ratios), "below_0_95": sum(r < 0.95 for r in ratios),
             "worst": min(ratios), "prompts": results}
         worst = sorted(results, key=lambda r: r["fused_vs_ar"])[:3]
-        print(f"{name:13s} median {statistics.median(ratios):.2f}x  "
-              f"below 0.95x {sum(r < 0.95 for r in ratios)}/{len(ratios)}  worst "
+        print(f"{name:13s} median {summary['median']:.2f}x  "
+              f"below 0.95x {summary['below_0_95']}/{len(ratios)}  worst "
               + ", ".join(f"{r['fused_vs_ar']:.2f} ({r['tokens']} tok, {r['failed_blocks']} "
                           f"failed of {r['blocks']})" for r in worst))
     if args.json:
