@@ -218,17 +218,23 @@ def bench_aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def per_prompt(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Prompts where fused decoding ran more than 5% slower than AR, beside the noise floor
-    under such per-prompt ratios (`--repeats` > 1): per prompt, its slowest AR repeat over its
-    fastest (below 0.95: AR lost to itself by more than 5%)."""
+    """Prompts where fused decoding ran more than 5% slower than AR; with `--repeats` > 1,
+    the noise floor under such per-prompt ratios (per prompt, its slowest AR repeat over its
+    fastest: below 0.95, AR lost to itself by more than 5%) and the same count on each arm's
+    fastest repeat (other load only ever slows a run, so the fastest is the nearest to what
+    the run costs alone: what remains below 0.95 there is the method's loss, not the noise)."""
     ratios = evidence.fused_vs_ar(samples)
     out: dict[str, Any] = {"fused_vs_ar_below_0_95": sum(r < 0.95 for r in ratios),
                            "timed_prompts": len(ratios)}
-    spread = [min(r) / max(r) for s in samples
-              if len(r := s["ar"].get("repeat_decode_tok_s") or []) > 1 and min(r) > 0]
-    if spread:
+    repeats = [(s["ar"]["repeat_decode_tok_s"], s["fused"]["repeat_decode_tok_s"])
+               for s in samples if len(s["ar"].get("repeat_decode_tok_s") or []) > 1
+               and min(s["ar"]["repeat_decode_tok_s"]) > 0]
+    if repeats:
+        spread = [min(ar) / max(ar) for ar, _ in repeats]
+        fastest = [max(fused) / max(ar) for ar, fused in repeats]
         out |= {"ar_vs_ar_min_median": evidence.median(spread),
-                "ar_vs_ar_below_0_95": sum(x < 0.95 for x in spread)}
+                "ar_vs_ar_below_0_95": sum(x < 0.95 for x in spread),
+                "fastest_fused_vs_ar_below_0_95": sum(x < 0.95 for x in fastest)}
     return out
 
 
@@ -251,7 +257,8 @@ def summary(record: dict[str, Any]) -> str:
     if a.get("timed_prompts"):
         line += f" | below 0.95x AR: {a['fused_vs_ar_below_0_95']}/{a['timed_prompts']} prompts"
     if a.get("ar_vs_ar_below_0_95") is not None:
-        line += f" (AR below 0.95x of itself: {a['ar_vs_ar_below_0_95']})"
+        line += (f" (AR below 0.95x of itself: {a['ar_vs_ar_below_0_95']}; fastest repeats "
+                 f"below 0.95x: {a['fastest_fused_vs_ar_below_0_95']})")
     if a.get("retrieval_rate") is not None:
         line += f" | NIAH retrieval {a['retrieval_rate']:.0%}"
     return line + peers.summary(a.get("peers") or {})

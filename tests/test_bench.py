@@ -123,6 +123,9 @@ def test_default_adaptive_and_fixed_widths_are_lossless(pair, tmp_path):
     assert floor["timed_prompts"] == len(fixed["samples"])
     assert 0 <= floor["ar_vs_ar_below_0_95"] <= floor["timed_prompts"]
     assert 0 < floor["ar_vs_ar_min_median"] <= 1
+    fastest = [max(s["fused"]["repeat_decode_tok_s"]) / max(s["ar"]["repeat_decode_tok_s"])
+               for s in fixed["samples"]]
+    assert floor["fastest_fused_vs_ar_below_0_95"] == sum(r < 0.95 for r in fastest)
     assert "ar_vs_ar_min_median" not in record["aggregate"]  # one repeat: no noise floor
 
 
