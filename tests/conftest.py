@@ -1,4 +1,4 @@
-"""Fixtures shared by the torch test modules; MLX's BLAS set up as the CLIs have it."""
+"""Fixtures shared by the test modules; MLX's BLAS set up as the CLIs have it."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def one_calibration_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model's calibration pass takes a tenth of a second: one pass, not two seconds'
+    worth, per engine (test_bench's pooling test sets the floor itself)."""
+    monkeypatch.setattr("mlx_engine.engine.CALIBRATION_SECONDS", 0.0)

@@ -154,6 +154,36 @@ def test_any_width_sequence_equals_ar(pair):
     assert costs.widths == [1, 2, 4, 8] and all(c > 0 for c in costs.measured.values())
 
 
+def test_calibration_pools_passes_until_its_minimum_time(pair, monkeypatch):
+    """One pass's medians are noisy where a pass is short (a GPU's): passes are pooled until
+    CALIBRATION_SECONDS have gone by, and the costs are the medians of all their rounds."""
+    import time
+
+    from mlx_engine import engine as engine_module
+    from mlx_engine.policy import RoundCosts
+
+    engine = Engine.load(str(pair[0]), str(pair[1]))
+    passes: list[list[tuple[int, float]]] = []
+    one_pass = engine._calibration_pass
+
+    def counted(graph):
+        passes.append(one_pass(graph))
+        return passes[-1]
+
+    monkeypatch.setattr(engine, "_calibration_pass", counted)
+    start = time.perf_counter()
+    engine.calibrate()  # the floor at 0: one pass
+    assert len(passes) == 1
+    floor = 2.5 * (time.perf_counter() - start)
+    monkeypatch.setattr(engine_module, "CALIBRATION_SECONDS", floor)
+    passes.clear()
+    start = time.perf_counter()
+    costs = engine.calibrate()
+    assert time.perf_counter() - start >= floor and len(passes) >= 2
+    pooled = RoundCosts.from_rounds([r for rounds in passes for r in rounds])
+    assert costs.measured == pooled.measured and engine.round_costs is costs
+
+
 def test_stop_strings_end_every_arm_at_the_same_token(pair):
     """A stop string spanning tokens ends AR, fused and mlx-lm at the token completing it."""
     from mlx_engine.bench import mlx_lm_run
