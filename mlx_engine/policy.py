@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -64,6 +65,32 @@ class WidthPolicy(Protocol):
     def shadow_due(self) -> bool: ...
 
     def observe_shadow(self, width: int, accepted: int) -> None: ...
+
+
+class ShadowCheck:
+    """A shadow draft's first drafts against the tokens plain AR steps commit after its anchor:
+    once a draft differs, all are checked, or the steps end, how many of them a greedy verify
+    would have accepted, as `WidthPolicy.observe_shadow`'s (width, accepted)."""
+
+    def __init__(self, read_drafts: Callable[[], list[int]]):
+        """`read_drafts` is called at the first token seen, not before: drafted a step
+        earlier, reading them then does not stall the device."""
+        self.read_drafts = read_drafts
+        self.drafts: list[int] | None = None
+        self.seen = 0
+
+    def see(self, token: int) -> tuple[int, int] | None:
+        """The next committed token; (width, accepted) once the outcome is known."""
+        if self.drafts is None:
+            self.drafts = self.read_drafts()
+        self.seen += 1
+        if token != self.drafts[self.seen - 1]:
+            return self.seen + 1, self.seen - 1
+        return (self.seen + 1, self.seen) if self.seen == len(self.drafts) else None
+
+    def end(self) -> tuple[int, int] | None:
+        """The outcome so far when the AR steps end: every token seen matched."""
+        return (self.seen + 1, self.seen) if self.seen else None
 
 
 class NeverShadows:

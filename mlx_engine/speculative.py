@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
-from .policy import SHADOW_HORIZON, WidthPolicy
+from .policy import SHADOW_HORIZON, ShadowCheck, WidthPolicy
 from .proposer import DraftSource
 from .sampling import GREEDY, Sampler
 from .verifier import Verifier
@@ -211,7 +211,7 @@ class _RoundClock:
         return elapsed
 
 
-class _Shadow:
+class _Shadow(ShadowCheck):
     """A block drafted during plain AR steps and never verified: the tokens AR commits next
     tell how many of its first SHADOW_HORIZON drafts a greedy verify would have accepted, so
     the width policy keeps measuring acceptance while it does not draft (a drafter forward,
@@ -224,23 +224,9 @@ class _Shadow:
         del taps[:-1]
         anchor_arr = mx.array([anchor], dtype=mx.int32)
         width = min(max_width, SHADOW_HORIZON + 1)  # the head scores only the checked drafts
-        self.drafts, _ = source.propose(anchor_arr, width, GREEDY, mx.random.key(0))
-        mx.async_eval(self.drafts, source.pending())
-        self.expected: list[int] | None = None
-        self.seen = 0
-
-    def see(self, token: int) -> tuple[int, int] | None:
-        """The next committed token; (width, accepted) once the outcome is known."""
-        if self.expected is None:  # drafted steps ago: reading it does not stall the device
-            self.expected = self.drafts.tolist()
-        self.seen += 1
-        if token != self.expected[self.seen - 1]:
-            return self.seen + 1, self.seen - 1
-        return (self.seen + 1, self.seen) if self.seen == len(self.expected) else None
-
-    def end(self) -> tuple[int, int] | None:
-        """The outcome so far when the segment ends: every token seen matched."""
-        return (self.seen + 1, self.seen) if self.seen else None
+        drafts, _ = source.propose(anchor_arr, width, GREEDY, mx.random.key(0))
+        mx.async_eval(drafts, source.pending())
+        super().__init__(drafts.tolist)
 
 
 def _ar_segment(

@@ -25,7 +25,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mlx_engine.policy import SHADOW_HORIZON, Acceptance, AdaptiveWidth, RoundCosts
+from mlx_engine.policy import (
+    SHADOW_HORIZON,
+    Acceptance,
+    AdaptiveWidth,
+    RoundCosts,
+    ShadowCheck,
+)
 
 
 def record(args: argparse.Namespace) -> None:
@@ -77,10 +83,19 @@ def replay(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(answers))
 
 
+def _table_shadow(anchor: int, accepted: int) -> ShadowCheck:
+    """The shadow check of a block anchored at answer token `anchor`, in a table whose
+    committed tokens are their positions: its first `accepted` drafts match, the next differs."""
+    hit = min(accepted, SHADOW_HORIZON)
+    return ShadowCheck(lambda: [*range(anchor + 1, anchor + 1 + hit),
+                                *[-1] * (SHADOW_HORIZON - hit)])
+
+
 def simulate_prompt(policy: AdaptiveWidth, accepted: list[int], costs: dict[int, float],
                     shadow_cost: float) -> dict[str, Any]:
     """One fused run as `speculative.fused_stream` makes it, timed from `costs`. Token j of
-    the answer (j = 0 is prefill's) anchors a round that would accept `accepted[j]` drafts."""
+    the answer (j = 0 is prefill's) anchors a round that would accept `accepted[j]` drafts;
+    shadow drafts are checked by the loop's own `ShadowCheck`."""
     n = len(accepted)
     pos, seconds, width = 0, 0.0, policy.next_width()
     rounds: list[tuple[int, int]] = []  # (width, accepted); width 1: an AR step
@@ -94,24 +109,22 @@ def simulate_prompt(policy: AdaptiveWidth, accepted: list[int], costs: dict[int,
             pos += got + 1
             width = policy.next_width()
             continue
-        shadow: int | None = None  # the anchor of the pending shadow draft
+        shadow: ShadowCheck | None = None
         while True:  # an AR segment: one committed token per decision
             width = policy.next_width()
             pos += 1
             seconds += costs[1]
-            if shadow is not None:
-                seen, hit = pos - shadow, min(accepted[shadow], SHADOW_HORIZON)
-                if seen > hit or seen == SHADOW_HORIZON:  # a wrong draft, or all checked
-                    policy.observe_shadow(hit + 1 + (seen > hit), hit)
-                    shadow = None
+            if shadow is not None and (outcome := shadow.see(pos)) is not None:
+                policy.observe_shadow(*outcome)
+                shadow = None
             if width == 1 and shadow is None and policy.shadow_due():
-                shadow, shadows = pos, shadows + 1
+                shadow, shadows = _table_shadow(pos, accepted[pos]), shadows + 1
                 seconds += shadow_cost * costs[1]
             policy.record(1, 0, costs[1])
             rounds.append((1, 0))
             if pos >= n - 1 or width != 1:
-                if shadow is not None and pos > shadow:
-                    policy.observe_shadow(pos - shadow + 1, pos - shadow)
+                if shadow is not None and (outcome := shadow.end()) is not None:
+                    policy.observe_shadow(*outcome)
                 break
     ar_seconds = (n - 1) * costs[1]
     drafted = [a for w, a in rounds if w > 1]

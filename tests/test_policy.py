@@ -13,6 +13,7 @@ from mlx_engine.policy import (
     SHADOW_HORIZON,
     AdaptiveWidth,
     RoundCosts,
+    ShadowCheck,
     WidthScript,
     calibration_widths,
 )
@@ -138,3 +139,24 @@ def test_only_a_shadow_that_would_have_paid_sends_the_next_round_to_drafting():
     assert policy.next_width() == 1
     policy.observe_shadow(SHADOW_HORIZON + 1, SHADOW_HORIZON)  # 5 tokens for a 1.2-1.8 round
     assert policy.next_width() > 1
+
+
+def test_a_shadow_check_reports_what_a_greedy_verify_would_have_accepted():
+    """The loop and the simulator share this rule: (width, accepted) at the first wrong draft,
+    when every draft matched, or what matched so far when the AR steps end."""
+    reads = []
+
+    def drafts() -> list[int]:
+        reads.append(1)
+        return [5, 6, 7, 8]
+
+    wrong = ShadowCheck(drafts)
+    assert not reads  # read at the first token, not when drafted
+    assert [wrong.see(5), wrong.see(6), wrong.see(0)] == [None, None, (4, 2)]
+    assert len(reads) == 1
+    right = ShadowCheck(drafts)
+    assert [right.see(t) for t in (5, 6, 7, 8)] == [None, None, None, (5, 4)]
+    cut = ShadowCheck(drafts)
+    assert cut.end() is None  # no token seen: nothing to report
+    cut.see(5)
+    assert cut.end() == (2, 1)
