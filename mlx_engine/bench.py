@@ -226,9 +226,8 @@ def per_prompt(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = evidence.fused_vs_ar(samples)
     out: dict[str, Any] = {"fused_vs_ar_below_0_95": sum(r < 0.95 for r in ratios),
                            "timed_prompts": len(ratios)}
-    repeats = [(s["ar"]["repeat_decode_tok_s"], s["fused"]["repeat_decode_tok_s"])
-               for s in samples if len(s["ar"].get("repeat_decode_tok_s") or []) > 1
-               and min(s["ar"]["repeat_decode_tok_s"]) > 0]
+    repeats = [(ar, s["fused"]["repeat_decode_tok_s"]) for s in samples
+               if len(ar := s["ar"].get("repeat_decode_tok_s") or []) > 1 and min(ar) > 0]
     if repeats:
         spread = [min(ar) / max(ar) for ar, _ in repeats]
         fastest = [max(fused) / max(ar) for ar, fused in repeats]
