@@ -12,13 +12,17 @@ target), its median and the pooled tau (committed tokens / verify rounds).
         --markdown runs/after.md --baseline runs/before.json
 
 `--baseline` (an earlier run on the same prompts) reuses its AR answers and puts its taus
-beside the new ones in the table.
+beside the new ones in the table. `--compare BEFORE AFTER` (each a JSON or several, comma
+separated: kinds split over processes) pairs two finished runs prompt by prompt, which is
+what "does a kind regress" needs: per kind and block size, the mean per-prompt change with
+two standard errors, prompts won and lost, and the sign test's p.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -58,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "long kind's 4k prompts are slow to prefill on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", type=Path, help="an earlier run's JSON on the same prompts")
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                   help="pair two finished runs' JSONs (comma-separated lists) and exit")
+    p.add_argument("--json", type=Path, help="write the results here (required to run)")
     p.add_argument("--markdown", type=Path, help="write the table here too")
     return p
 
@@ -148,6 +154,54 @@ def markdown(result: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_runs(spec: str) -> dict[str, list[dict[str, Any]]]:
+    """Per kind, the prompts of one or more result JSONs (comma-separated paths)."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for path in spec.split(","):
+        try:
+            result = json.loads(Path(path).read_text())
+            kinds.update({name: kind["prompts"] for name, kind in result["kinds"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"cannot read {path} as an eval_drafter result: {exc!r}") from None
+    return kinds
+
+
+def sign_test_p(won: int, lost: int) -> float:
+    """Two-sided p of a split at least this uneven if either side were equally likely."""
+    n = won + lost
+    tail = sum(math.comb(n, i) for i in range(min(won, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare(before: dict[str, list], after: dict[str, list]) -> str:
+    """Per kind both runs hold and block size, over the prompts both drafted: mean tau before
+    -> after, the mean per-prompt change +- 2 standard errors, won / lost, sign test p."""
+    lines = ["| kind | B | prompts | tau | change per prompt | won / lost | sign p |",
+             "|" + " --- |" * 7]
+    shared = [k for k in after if k in before]
+    if not shared:
+        raise UserError("the two runs share no prompt kind")
+    for name in shared:
+        if [p["answer"] for p in before[name]] != [p["answer"] for p in after[name]]:
+            raise UserError(f"{name}: the two runs did not answer the same prompts")
+        pairs = list(zip(before[name], after[name], strict=True))
+        for b in (b for b in pairs[0][1]["blocks"] if b in pairs[0][0]["blocks"]):
+            taus = [(x["blocks"][b]["tau"], y["blocks"][b]["tau"]) for x, y in pairs
+                    if x["blocks"][b]["rounds"] and y["blocks"][b]["rounds"]]
+            if not taus:
+                continue
+            change = [y - x for x, y in taus]
+            mean = f"{statistics.fmean(change):+.2f}"
+            if len(change) > 1:
+                mean += f" +- {2 * statistics.stdev(change) / math.sqrt(len(change)):.2f}"
+            won, lost = sum(c > 0 for c in change), sum(c < 0 for c in change)
+            lines.append(
+                f"| {name} | {b} | {len(taus)} | {statistics.fmean(x for x, _ in taus):.2f} -> "
+                f"{statistics.fmean(y for _, y in taus):.2f} | {mean} | {won} / {lost} | "
+                f"{sign_test_p(won, lost):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _reference(baseline: dict[str, Any] | None, name: str, i: int,
                prompt: list[int]) -> list[int] | None:
     """The baseline's AR answer to this very prompt, if it ran it."""
@@ -160,6 +214,14 @@ def _reference(baseline: dict[str, Any] | None, name: str, i: int,
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        table = compare(*(_load_runs(spec) for spec in args.compare))
+        if args.markdown:
+            args.markdown.write_text(table)
+        print(table)
+        return 0
+    if args.json is None:
+        raise UserError("--json is required (where the results go)")
     baseline = None
     if args.baseline is not None:
         try:

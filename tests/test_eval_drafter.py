@@ -93,3 +93,42 @@ def test_a_kinds_prompts_do_not_depend_on_the_kinds_run_beside_it():
     assert together["chat"] == prompts("chat")["chat"]
     assert together["snippet"] == prompts("snippet", "function_body")["snippet"]
     assert together["chat"] != together["snippet"]
+
+
+def _result(kind: str, answers: list[list[int]], taus: list[float]) -> dict:
+    return {"kinds": {kind: {"prompts": [
+        {"answer": a, "blocks": {"16": {"tau": t, "rounds": 1 if t else 0}}}
+        for a, t in zip(answers, taus, strict=True)]}}}
+
+
+def test_compare_pairs_two_runs_prompt_by_prompt(tmp_path):
+    answers = [[1, 2], [3], [4, 5], [6, 7], [8, 9]]
+    before = tmp_path / "before.json"
+    after = tmp_path / "after.json"
+    before.write_text(json.dumps(_result("chat", answers, [2.0, 0.0, 3.0, 4.0, 5.0])))
+    after.write_text(json.dumps(_result("chat", answers, [3.0, 0.0, 3.0, 3.0, 7.0])))
+    table = tmp_path / "cmp.md"
+    assert eval_drafter.main(["--compare", str(before), str(after),
+                              "--markdown", str(table)]) == 0
+    row = table.read_text().splitlines()[2].split(" | ")
+    # the prompt that never drafted (a one-token answer) is left out; changes +1, 0, -1, +2
+    assert row[:4] == ["| chat", "16", "4", "3.50 -> 4.00"]
+    assert row[4].startswith("+0.50 +- ")
+    assert row[5] == "2 / 1"
+    assert eval_drafter.sign_test_p(2, 1) == 1.0
+    assert eval_drafter.sign_test_p(5, 0) == pytest.approx(2 / 32)
+    assert eval_drafter.sign_test_p(0, 5) == pytest.approx(2 / 32)
+
+
+def test_compare_refuses_runs_of_other_prompts(tmp_path, capsys):
+    one, other = tmp_path / "one.json", tmp_path / "other.json"
+    one.write_text(json.dumps(_result("chat", [[1], [2]], [2.0, 2.0])))
+    other.write_text(json.dumps(_result("chat", [[1], [9]], [2.0, 2.0])))
+    assert eval_drafter.main(["--compare", str(one), str(other)]) == 2
+    assert "did not answer the same prompts" in capsys.readouterr().err
+    other.write_text(json.dumps(_result("prose", [[1], [2]], [2.0, 2.0])))
+    assert eval_drafter.main(["--compare", str(one), str(other)]) == 2
+    assert "share no prompt kind" in capsys.readouterr().err
+    other.write_text(json.dumps({"samples": []}))
+    assert eval_drafter.main(["--compare", str(one), str(other)]) == 2
+    assert "as an eval_drafter result" in capsys.readouterr().err

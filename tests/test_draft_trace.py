@@ -1,0 +1,58 @@
+"""The draft trace (scripts/draft_trace.py) on a tiny random pair: what it says each anchor
+accepts must be what the fused loop accepted where the loop's rounds started."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import mlx.core as mx
+from tiny import TARGET_CONFIGS, drafter_config, save_model_dir, save_random_drafter
+
+from mlx_engine.proposer import DFlashDraftSource
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "draft_trace.py"
+BLOCK = 4
+
+
+def test_the_trace_agrees_with_the_rounds_the_loop_took(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("draft_trace", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = save_model_dir(tmp_path / "model")
+    layers = TARGET_CONFIGS["gemma3_text"]["num_hidden_layers"]
+    draft = save_random_drafter(tmp_path / "draft", drafter_config(layers, block_size=BLOCK))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def add(a, b):\n    " * 12)
+    out = tmp_path / "trace.json"
+    argv = ["--model", str(model), "--draft", str(draft), "--prompt-file", str(prompt),
+            "--block-size", str(BLOCK), "--max-tokens", "30", "--json", str(out)]
+    assert script.main(argv) == 0
+    first = json.loads(out.read_text())
+    answer, start = first["answer"], len(first["prompt"])
+
+    # A random drafter never agrees; one that drafts the answer itself, missing after
+    # (anchor index % BLOCK) tokens, exercises rounds of every length in the loop and the trace.
+    def oracle(self, anchor, block_size):
+        i = self.context_len - start
+        want = (answer[i + 1 : i + block_size] + [0] * block_size)[: block_size - 1]
+        ids = [t if k < i % BLOCK else (t + 1) % self.verifier.vocab_size
+               for k, t in enumerate(want)]
+        hit = mx.array(ids)[:, None] == mx.arange(self.verifier.vocab_size)[None]
+        return mx.where(hit, 10.0, 0.0)
+
+    monkeypatch.setattr(DFlashDraftSource, "draft_logits", oracle)
+    assert script.main(argv) == 0
+    trace = json.loads(out.read_text())
+    assert trace["answer"] == answer
+    anchors = trace["anchors"]
+    assert len(anchors) == len(answer) - 1
+    starts = [i for i, row in enumerate(anchors) if row["round"]]
+    assert len(starts) == len(trace["accepted"])
+    # every round but the last (the token cap cuts what it may accept) accepted what the
+    # trace says its anchor accepts, and the next round starts right after what it committed
+    assert [anchors[i]["accepted"] for i in starts[:-1]] == trace["accepted"][:-1]
+    assert all(a + anchors[a]["accepted"] + 1 == b for a, b in pairwise(starts))
+    assert max(trace["accepted"]) == BLOCK - 1
