@@ -23,6 +23,7 @@ import mlx.core as mx
 from . import __version__, blas
 from .engine import Engine, RunResult
 from .host import chip
+from .prompt_cache import common_prefix
 from .speculative import DecodeStats
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "evidence.v1.json"
@@ -96,10 +97,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     In bf16/fp16 two correct implementations can flip a near-tie argmax (kernels round by
     shape); where a stream departs tells a late near-tie from an early bug.
     """
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                min(len(a), len(b)))
+    return None if a == b else common_prefix(a, b)
 
 
 def histogram(values: list[int], size: int) -> list[int]:

@@ -27,7 +27,8 @@ def _keep(cache: list[KVCache], n: int) -> None:
         c.trim(c.offset - n)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token lists share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
                 min(len(a), len(b)))
 
@@ -43,7 +44,7 @@ class PromptCache:
         rows, self._rows = self._rows, None
         if rows is None or (with_drafter and rows.drafter is None):
             return None
-        n = _common_prefix(rows.tokens, prompt[:-1])
+        n = common_prefix(rows.tokens, prompt[:-1])
         if n == 0:
             return None
         _keep(rows.verifier, n)

@@ -19,14 +19,8 @@ from pathlib import Path
 
 from mlx_engine.engine import Engine, RunOptions, mx  # mx after mlx_engine: MLX behind its BLAS
 from mlx_engine.errors import UserError, cli_entry
+from mlx_engine.prompt_cache import common_prefix
 from mlx_engine.proposer import DFlashDraftSource
-
-
-def leading_matches(drafts: list[int], truth: list[int]) -> int:
-    n = 0
-    while n < min(len(drafts), len(truth)) and drafts[n] == truth[n]:
-        n += 1
-    return n
 
 
 @cli_entry
@@ -73,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             mx.arange(choice.size), choice]
         drafts = (choice if source.vocab_ids is None else source.vocab_ids[choice]).tolist()
         truth = answer[i + 1 : i + args.block_size]
-        accepted = leading_matches(drafts, truth)
+        accepted = common_prefix(drafts, truth)
         rows.append({"anchor": answer[i], "accepted": accepted, "round": i in starts,
                      "drafts": drafts, "confidence": confidence.tolist()})
         shown = " ".join(
