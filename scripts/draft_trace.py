@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(prompt)} prompt tokens, answer ({len(answer)} tokens): "
           f"{tok.decode(answer)!r}; fused tau {fused.stats.mean_accept_len:.2f}")
     rows = []
+    source = DFlashDraftSource(engine.drafter, verifier, engine.draft_head)
+    source.extend(context[:, : len(prompt)])
     for i in range(len(answer) - 1):
-        source = DFlashDraftSource(engine.drafter, verifier, engine.draft_head)
-        source.extend(context[:, : len(prompt) + i])
+        if i:  # drafting leaves the context as it was: grow it by the previous anchor's row
+            source.extend(context[:, len(prompt) + i - 1 : len(prompt) + i])
         logits = source.draft_logits(mx.array([answer[i]]), args.block_size)
         choice = mx.argmax(logits, axis=-1)
         confidence = mx.softmax(logits.astype(mx.float32), axis=-1)[

@@ -1,5 +1,6 @@
-"""The draft trace (scripts/draft_trace.py) on a tiny random pair: what it says each anchor
-accepts must be what the fused loop accepted where the loop's rounds started."""
+"""The draft trace (scripts/draft_trace.py) on a tiny random pair: each anchor drafts from the
+context of the rows before it, and what it says each anchor accepts must be what the fused
+loop accepted where the loop's rounds started."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 from tiny import TARGET_CONFIGS, drafter_config, save_model_dir, save_random_drafter
 
+from mlx_engine.engine import Engine
 from mlx_engine.proposer import DFlashDraftSource
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "draft_trace.py"
@@ -32,6 +34,19 @@ def test_the_trace_agrees_with_the_rounds_the_loop_took(tmp_path, monkeypatch):
     assert script.main(argv) == 0
     first = json.loads(out.read_text())
     answer, start = first["answer"], len(first["prompt"])
+
+    # the trace grows one drafter context as it walks; each anchor drafted from a context
+    # built afresh out of the rows before it must say the same
+    engine = Engine.load(str(model), str(draft))
+    taps: list[mx.array] = []
+    engine.verifier.prefill(mx.array([first["prompt"] + answer]), engine.verifier.make_cache(),
+                            taps.append)
+    context = mx.concatenate(taps, axis=1)
+    for i, row in enumerate(first["anchors"]):
+        fresh = DFlashDraftSource(engine.drafter, engine.verifier, engine.draft_head)
+        fresh.extend(context[:, : start + i])
+        probs = mx.softmax(fresh.draft_logits(mx.array([answer[i]]), BLOCK), axis=-1)
+        assert mx.allclose(probs.max(axis=-1), mx.array(row["confidence"]), atol=1e-5)
 
     # A random drafter never agrees; one that drafts the answer itself, missing after
     # (anchor index % BLOCK) tokens, exercises rounds of every length in the loop and the trace.
