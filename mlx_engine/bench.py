@@ -25,6 +25,7 @@ from typing import Any
 from . import blas, evidence, peers, workloads
 from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
+from .policy import Acceptance
 from .sources import DEFAULT
 from .speculative import DecodeStats
 from .stopping import StopStrings
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1,
                    help="run every arm this many times per prompt and keep each arm's run of "
                         "median speed (for short answers on a noisy machine)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start every prompt's fused runs with no acceptance carried from "
+                        "earlier prompts, as each run of the generate CLI starts")
     p.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm arm")
     p.add_argument("--peers", default=None,
                    help=f"comma-separated peer DFlash runtimes run as more arms on the same pair: "
@@ -141,9 +145,10 @@ class Bench:
         """Each arm `--repeats` times, in an order rotated per prompt and per repeat; per arm
         the run of median decode speed (a short answer's few steps are at the mercy of other
         load), whether every fused run equalled AR, and every repeat's decode speed. Each fused
-        repeat starts from the acceptance the engine had before this prompt: it must not
-        learn the prompt itself."""
-        before = copy.deepcopy(self.engine.acceptance)
+        repeat starts from the acceptance the engine had before this prompt (none with
+        `--fresh`): it must not learn the prompt itself."""
+        before = (Acceptance(self.engine.block_size(None)) if self.args.fresh
+                  else copy.deepcopy(self.engine.acceptance))
         all_runs: dict[str, list[tuple[RunResult, dict[str, float]]]] = {}
         for r in range(self.args.repeats):
             shift = (index + r) % len(self.arms)
@@ -153,7 +158,7 @@ class Bench:
                 elif arm in self.running:
                     run, extra = self.running[arm].run(ids, opts), {}
                 else:
-                    if arm == "fused" and r > 0:
+                    if arm == "fused" and (r > 0 or self.args.fresh):
                         self.engine.acceptance = copy.deepcopy(before)
                     run, extra = self.engine.run(arm, ids, opts), {}
                 all_runs.setdefault(arm, []).append((run, extra))

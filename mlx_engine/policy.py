@@ -11,7 +11,9 @@ text, a device where a verify row is dear); drafting again needs a 10% expected 
 c(w) starts from rounds timed during warm-up on this device (`Engine.calibrate`) and follows
 the rounds' measured times; p_j is estimated per draft position from exponentially decayed
 counts, and a new sequence starts from what earlier ones on the same engine saw (faded): the
-acceptance the drafter has been getting is the best guess for a short answer's first rounds.
+acceptance the drafter has been getting is the best guess for a short answer's first rounds. A
+new engine has seen nothing (each run of the `generate` CLI): its counts start at one try of
+the first draft, half accepted, so that one failed opening round does not end drafting alone.
 AR steps verify no drafts, so while it decodes plainly the loop drafts a block in the shadow
 every `shadow_gap` steps: never verified, it is checked against the tokens AR then commits,
 which tells exactly how many of its first drafts a verify would have accepted (greedy).
@@ -41,6 +43,10 @@ CARRY = 0.3  # what a new sequence keeps of the acceptance earlier ones saw
 COST_EMA = 0.2  # weight of a new round time in the shared drift
 LOCAL_EMA = 0.1  # ... and in its own width's correction (decisions rest on these ratios)
 PRIOR = 1.0  # pseudo-tries behind each draft position's prior
+# A new engine's counts: this many tries of the first draft, half accepted (they fade like any
+# counts); with the prior alone, one failed opening round halved the first draft's estimate
+# and sent the sequence to AR steps, whatever its next anchors held.
+START_TRIES = 1.0
 SPIKE = 3.0  # a round more than this times its estimate is other load, clipped
 SHADOW_GAP, MAX_SHADOW_GAP = 4, 32  # AR steps between shadow drafts
 SHADOW_HORIZON = 4  # drafts a shadow checks at most: enough to tell a round that would pay
@@ -203,10 +209,11 @@ class Acceptance:
     max_width: int
     tried: list[float] = field(init=False)
     hit: list[float] = field(init=False)
+    observed: bool = field(init=False, default=False)  # a round (or shadow) was counted
 
     def __post_init__(self) -> None:
-        self.tried = [0.0] * self.max_width
-        self.hit = [0.0] * self.max_width
+        self.tried = [0.0, START_TRIES] + [0.0] * (self.max_width - 2)
+        self.hit = [0.0, START_TRIES / 2] + [0.0] * (self.max_width - 2)
 
     def probs(self) -> list[float]:
         """P(draft k accepted | drafts before it accepted) for k = 1..max_width-1."""
@@ -221,7 +228,13 @@ class Acceptance:
             self.tried[k] *= factor
             self.hit[k] *= factor
 
+    def carry_over(self) -> None:
+        """Fade what earlier sequences saw for a new one (a new engine's start counts stay)."""
+        if self.observed:
+            self.fade(CARRY)
+
     def observe(self, width: int, accepted: int) -> None:
+        self.observed = True
         self.fade(DECAY)
         for k in range(1, min(accepted + 1, width - 1) + 1):
             self.tried[k] += 1
@@ -246,7 +259,7 @@ class AdaptiveWidth:
         self.max_width = self.candidates[-1]
         # what earlier sequences saw, faded: a prior for this one's first rounds
         self.acceptance = acceptance or Acceptance(self.max_width)
-        self.acceptance.fade(CARRY)
+        self.acceptance.carry_over()
         self.drafting = False  # the last decision drafted (else: plain AR steps)
         self.shadow_gap = SHADOW_GAP
         self.since_shadow = 0  # AR steps since the last shadow draft

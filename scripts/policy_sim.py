@@ -9,11 +9,14 @@ A policy change is then compared on every bundled workload before a bench confir
 
     python scripts/policy_sim.py record --workloads short natural --out runs/sim/answers.json
     python scripts/policy_sim.py replay --answers runs/sim/answers.json --out runs/sim/accepted.json
-    python scripts/policy_sim.py simulate --accepted runs/sim/accepted.json [--costs EVIDENCE]
+    python scripts/policy_sim.py simulate --accepted runs/sim/accepted.json [--fresh] \
+        [--costs EVIDENCE]
 
 `record` runs the MLX engine (AR answers, the bench's stop rules, and the round costs this
 device's warm-up measures); `replay` needs the torch extra; `simulate` reads the costs from a
-bench evidence file's `params.round_cost_s` when given one. A shadow draft is charged
+bench evidence file's `params.round_cost_s` when given one. A bench carries what one prompt's
+rounds saw to the next prompt's first rounds; `--fresh` starts every prompt on a new engine, as
+each run of the `generate` CLI does. A shadow draft is charged
 `--shadow-cost` AR steps (a drafter forward over SHADOW_HORIZON + 1 rows).
 """
 
@@ -141,13 +144,15 @@ def simulate(args: argparse.Namespace) -> None:
     costs = {int(w): float(c) for w, c in measured.items()}
     block = data["block_size"]
     report: dict[str, Any] = {"round_cost_s": measured, "shadow_cost": args.shadow_cost,
-                              "workloads": {}}
+                              "fresh": args.fresh, "workloads": {}}
     for name, rows in data["workloads"].items():
         acceptance = Acceptance(block)
         results = []
         for row in rows:
             if len(row["answer"]) < 2:
                 continue
+            if args.fresh:  # every prompt on a new engine, as each `generate` CLI run is
+                acceptance = Acceptance(block)
             policy = AdaptiveWidth(RoundCosts(costs), block, acceptance)
             results.append({"id": row["id"], **simulate_prompt(policy, row["accepted"], costs,
                                                               args.shadow_cost)})
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--accepted", required=True)
     s.add_argument("--costs", help="a bench evidence JSON whose round costs to use")
     s.add_argument("--shadow-cost", type=float, default=0.25)
+    s.add_argument("--fresh", action="store_true",
+                   help="every prompt on a new engine (no acceptance carried between prompts)")
     s.add_argument("--json")
     s.set_defaults(run=simulate)
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ from tiny import TARGET_CONFIGS, drafter_config, prompt_tokens, save_model_dir, 
 from mlx_engine import evidence, workloads
 from mlx_engine.bench import main
 from mlx_engine.engine import Engine, RunOptions
-from mlx_engine.policy import FixedWidth
+from mlx_engine.policy import Acceptance, FixedWidth
 from mlx_engine.training.data import is_held_out
 
 BLOCK = 8
@@ -127,6 +127,27 @@ def test_default_adaptive_and_fixed_widths_are_lossless(pair, tmp_path):
                for s in fixed["samples"]]
     assert floor["fastest_fused_vs_ar_below_0_95"] == sum(r < 0.95 for r in fastest)
     assert "ar_vs_ar_min_median" not in record["aggregate"]  # one repeat: no noise floor
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_starts_every_prompt_with_a_new_engines_acceptance(pair, tmp_path, monkeypatch,
+                                                                  fresh):
+    """`--fresh` measures what each `generate` run gets: no acceptance carried from the
+    prompts before; without it, a prompt starts from what earlier ones taught the engine."""
+    starts = []
+    run = Engine.run
+
+    def spy(self, mode, prompt, opts, on_text=None):
+        if mode == "fused":
+            starts.append(list(self.acceptance.tried))
+        return run(self, mode, prompt, opts, on_text)
+
+    monkeypatch.setattr(Engine, "run", spy)
+    _bench(pair, tmp_path, "--workload", "code", "--ignore-eos", "--no-mlx-lm", "--no-profile",
+           "--repeats", "2", *(["--fresh"] if fresh else []))
+    new = Acceptance(BLOCK).tried
+    assert len(starts) == 4 and starts[0] == new and starts[1] == new  # repeats re-start
+    assert (starts[2] == new) == fresh and starts[2] == starts[3]
 
 
 class RandomWidths(FixedWidth):

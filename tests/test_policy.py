@@ -20,6 +20,7 @@ from mlx_engine.policy import (
 
 CPU_LIKE = {1: 1.0, 2: 1.2, 4: 1.3, 8: 1.5, 16: 1.8}  # a verify row costs a little
 GPU_LIKE = {1: 1.0, 2: 1.3, 4: 1.3, 8: 1.35, 16: 1.45}  # ... hardly anything
+CPU_2_CORES = {1: 1.0, 2: 1.42, 4: 1.48, 8: 1.37, 16: 1.76}  # warm-ups of the README command
 
 
 class FrozenCosts(RoundCosts):
@@ -94,6 +95,19 @@ def test_a_failed_opening_falls_back_whatever_the_carried_acceptance():
     widths = [w for w, _ in history]
     assert all(w > 1 for w in widths[:FAILED_OPENING]) and widths[FAILED_OPENING:] == [1] * 10
     assert unknown.acceptance.probs()[0] > 0.4  # the counts alone would have drafted on
+
+
+def test_a_new_engines_first_sequence_drafts_again_after_one_failed_round():
+    """A `generate` run's only sequence has no counts carried from earlier ones: one failed
+    opening round must not end drafting alone (it sent the README's example to AR steps,
+    although its next anchors accept drafts); the failed-opening rule still bounds it."""
+    policy = AdaptiveWidth(FrozenCosts(CPU_2_CORES), 16)
+    outcomes = iter([0, 1, 2, 3])
+    history, _ = _drive(policy, lambda w: min(next(outcomes), w - 1), 4)
+    assert history[0] == (8, 0) and all(w > 1 for w, _ in history[1:])
+    unknown = AdaptiveWidth(FrozenCosts(CPU_2_CORES), 16)
+    history, _ = _drive(unknown, lambda w: 0, 6)
+    assert [w > 1 for w, _ in history] == [True] * FAILED_OPENING + [False] * 4
 
 
 def test_failures_after_an_accepted_draft_are_left_to_the_counts():
