@@ -2,8 +2,9 @@
 by side in one process on a bundled workload.
 
 Per prompt the three arms run back to back, in an order rotated from prompt to prompt so
-drift (thermal, other load) spreads over all of them; warm-up runs first. Greedy only: the
-fused output is compared with the AR oracle token for token (`lossless`). mlx-lm's
+drift (thermal, other load) spreads over all of them; warm-up runs first. Greedy, or with
+`--temp` sampled with one seed per prompt: either way the fused output is compared with the AR
+oracle's token for token (`lossless`). mlx-lm's
 `stream_generate` runs on the very same model object with its native caches: it is what
 users run today, and the yardstick for our AR loop. A separate profiled fused run per prompt
 gives the draft / verify / extend split (profiling adds a host sync per block, so it never
@@ -26,6 +27,7 @@ from . import blas, evidence, peers, workloads
 from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
 from .policy import Acceptance
+from .sampling import SamplingParams
 from .sources import DEFAULT
 from .speculative import DecodeStats
 from .stopping import StopStrings
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="verifier dtype (default: as stored; offline model fp32 on CPU)")
     p.add_argument("--graph", choices=["two-phase", "single"], default="two-phase")
+    p.add_argument("--temp", type=float, default=0.0,
+                   help="sample at this temperature (with --top-p, --top-k; our two arms only)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="prompt i samples with seed SEED + i, in both arms (with --temp)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="decode --max-tokens on every prompt (overgen prompts always do)")
     p.add_argument("--chat-template", action="store_true",
@@ -131,7 +139,8 @@ class Bench:
         self.peers = peer_arms or []
         self.running = {p.name: p for p in self.peers if isinstance(p, peers.Peer)}
         self.arms = [a for a in ARMS if a != "mlx_lm" or not args.no_mlx_lm] + list(self.running)
-        self.base = RunOptions(max_tokens=args.max_tokens, block_size=fixed, graph=args.graph)
+        self.base = RunOptions(max_tokens=args.max_tokens, block_size=fixed, graph=args.graph,
+                               sampling=SamplingParams(args.temp, args.top_p, args.top_k))
 
     def warmup(self) -> None:
         self.engine.warmup(self.base)
@@ -147,8 +156,9 @@ class Bench:
         load), whether every fused run equalled AR, and every repeat's decode speed. Each fused
         repeat starts from the acceptance the engine had before this prompt (none with
         `--fresh`): it must not learn the prompt itself."""
-        before = (Acceptance(self.engine.block_size(None)) if self.args.fresh
-                  else copy.deepcopy(self.engine.acceptance))
+        kind, width = opts.sampling.kind, self.engine.block_size(None)
+        learned = self.engine.acceptance.setdefault(kind, Acceptance(width))
+        before = Acceptance(width) if self.args.fresh else copy.deepcopy(learned)
         all_runs: dict[str, list[tuple[RunResult, dict[str, float]]]] = {}
         for r in range(self.args.repeats):
             shift = (index + r) % len(self.arms)
@@ -159,7 +169,7 @@ class Bench:
                     run, extra = self.running[arm].run(ids, opts), {}
                 else:
                     if arm == "fused" and (r > 0 or self.args.fresh):
-                        self.engine.acceptance = copy.deepcopy(before)
+                        self.engine.acceptance[kind] = copy.deepcopy(before)
                     run, extra = self.engine.run(arm, ids, opts), {}
                 all_runs.setdefault(arm, []).append((run, extra))
         median = {arm: sorted(got, key=lambda g: g[0].stats.decode_tok_s)[len(got) // 2]
@@ -173,11 +183,11 @@ class Bench:
 
     def sample(self, index: int, prompt: workloads.Prompt, ids: list[int]) -> dict[str, Any]:
         opts = replace(self.base, ignore_eos=prompt.ignore_eos or self.args.ignore_eos,
-                       stop=tuple(prompt.stop or ()))
+                       stop=tuple(prompt.stop or ()), seed=self.args.seed + index)
         runs, extra, lossless, speeds = self._runs(index, ids, opts)
         profiled = None
         if not self.args.no_profile:  # its extra sync per block must not teach the policy
-            policy = self.engine.policy(opts.block_size, learn=False)
+            policy = self.engine.policy(opts, learn=False)
             profiled = self.engine.run("fused", ids, replace(opts, profile=True,
                                                              block_size=policy))
 
@@ -337,6 +347,10 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--n must be >= 1, not {args.n}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, not {args.repeats}")
+    SamplingParams(args.temp, args.top_p, args.top_k)  # bad values: one line, before loading
+    if args.temp > 0 and (not args.no_mlx_lm or args.peers):
+        raise UserError("--temp compares our AR and fused arms only (mlx-lm's and the peers' "
+                        "samples are their own): add --no-mlx-lm and leave out --peers")
 
 
 @cli_entry
@@ -369,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.warmup()
     if fixed is None:
-        params["round_cost_s"] = engine.round_costs.measured_json()
+        params["round_cost_s"] = engine.round_costs[bench.base.sampling.kind].measured_json()
 
     samples: list[dict[str, Any]] = []
     bar = _progress(list(zip(prompts, ids, strict=True)), args.workload)

@@ -37,6 +37,7 @@ from .stopping import StopStrings
 from .verifier import Verifier
 
 WARMUP_PROMPT = list(range(3, 35))
+GREEDY_PARAMS = SamplingParams()
 CALIBRATION_CYCLES = 3  # timed rounds per drafting width and pass
 CALIBRATION_SECONDS = 2.0  # passes pool until this long
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -118,9 +119,12 @@ class Engine:
                  draft_vocab: mx.array | None = None):
         self.verifier, self.tokenizer, self.model_info = verifier, tokenizer, model_info
         self.drafter, self.drafter_info = drafter, drafter_info
-        self.round_costs: RoundCosts | None = None  # measured by `calibrate` (warm-up)
+        # what the adaptive policy learned, by sampling kind (a sampled round costs more
+        # than a greedy one, and accepts less): round costs measured by `calibrate` (warm-up)
+        # and the acceptance earlier sequences saw
+        self.round_costs: dict[str, RoundCosts] = {}
+        self.acceptance: dict[str, Acceptance] = {}
         self.draft_head = None
-        self.acceptance = None if drafter is None else Acceptance(drafter.config.block_size)
         if drafter is not None:
             cfg = drafter.config
             check_compatible(cfg, verifier.hidden_size, verifier.vocab_size, verifier.num_layers)
@@ -183,12 +187,18 @@ class Engine:
             raise UserError(f"--block-size must be between 2 and the drafter's {limit}, not {size}")
         return size
 
-    def policy(self, block_size: int | WidthPolicy | None, learn: bool = True) -> WidthPolicy:
-        """The width policy a fused run follows. An adaptive one calibrates on first use and
-        keeps what its run measures for the next (unless `learn` is off: a profiled run)."""
+    def policy(self, opts: RunOptions, learn: bool = True) -> WidthPolicy:
+        """The width policy a fused run with `opts` follows. An adaptive one calibrates on
+        first use of a sampling kind (a server's first sampled request: a few seconds on a
+        CPU) and keeps what its run measures for the next (unless `learn` is off: a profiled
+        run)."""
+        block_size = opts.block_size
         if block_size is None:
-            learned = (self.round_costs or self.calibrate(), self.acceptance)
-            costs, acceptance = learned if learn else copy.deepcopy(learned)
+            kind = opts.sampling.kind
+            costs = self.round_costs.get(kind) or self.calibrate(opts.graph, opts.sampling)
+            acceptance = self.acceptance.setdefault(kind, Acceptance(self.block_size(None)))
+            if not learn:
+                costs, acceptance = copy.deepcopy((costs, acceptance))
             return AdaptiveWidth(costs, self.block_size(None), acceptance)
         if isinstance(block_size, int):
             return FixedWidth(self.block_size(block_size))
@@ -221,11 +231,7 @@ class Engine:
             raise UserError("the prompt is empty")
         policy = None
         if mode == "fused":
-            # A seeded sample must repeat, and it depends on where rounds start: it cannot
-            # follow the adaptive policy, whose widths follow measured time.
-            seeded = opts.seed is not None and not opts.sampling.greedy
-            fixed = self.block_size(None) if seeded and opts.block_size is None else None
-            policy = self.policy(fixed or opts.block_size)
+            policy = self.policy(opts)
         return self._responses(ids, opts, policy, prompt_cache)
 
     def _responses(self, prompt: list[int], opts: RunOptions, policy: WidthPolicy | None,
@@ -234,8 +240,8 @@ class Engine:
         stop_ids = self.stop_ids(opts.ignore_eos)
         rows = None if prompt_cache is None else prompt_cache.take(prompt, policy is not None)
         cache = self.verifier.make_cache() if rows is None else rows.verifier
-        common = dict(sampler=make_sampler(opts.sampling), stop_ids=stop_ids, seed=opts.seed,
-                      stats=stats, cache=cache)
+        sampler = make_sampler(opts.sampling, opts.seed, self.verifier.vocab_size)
+        common = dict(sampler=sampler, stop_ids=stop_ids, stats=stats, cache=cache)
         source = None
         if policy is None:
             loop = ar_stream(self.verifier, prompt, opts.max_tokens, **common)
@@ -297,35 +303,38 @@ class Engine:
                 on_text(response.text)
         return RunResult(tokens, response.stats)
 
-    def calibrate(self, graph: GraphMode = "two-phase") -> RoundCosts:
+    def calibrate(self, graph: GraphMode = "two-phase",
+                  sampling: SamplingParams = GREEDY_PARAMS) -> RoundCosts:
         """Time rounds on this device for the adaptive policy (and warm both loops up), in
         passes pooled until `CALIBRATION_SECONDS` have gone by: one pass on a CPU, where it
         takes seconds; on a GPU a pass takes a few tenths of a second, and one pass's medians
-        put a 16-row round anywhere between 1.3 and 2.2 AR steps."""
+        put a 16-row round anywhere between 1.3 and 2.2 AR steps. Rounds sample as the runs
+        they are for will: a sampled row costs its noise and filters too."""
         rounds: list[tuple[int, float]] = []
         start = time.perf_counter()
         while not rounds or time.perf_counter() - start < CALIBRATION_SECONDS:
-            rounds += self._calibration_pass(graph)
-        self.round_costs = RoundCosts.from_rounds(rounds)
-        return self.round_costs
+            rounds += self._calibration_pass(graph, sampling)
+        self.round_costs[sampling.kind] = costs = RoundCosts.from_rounds(rounds)
+        return costs
 
-    def _calibration_pass(self, graph: GraphMode) -> list[tuple[int, float]]:
+    def _calibration_pass(self, graph: GraphMode,
+                          sampling: SamplingParams) -> list[tuple[int, float]]:
         """AR steps by the oracle loop's own pipelined laps, before and after the drafting
         widths 2, 4, ... B, which are timed in cycles (the first one only compiles), so a
         drift of the machine's speed meanwhile reaches every width alike."""
         widths = calibration_widths(self.block_size(None))
         script = WidthScript(widths * (1 + CALIBRATION_CYCLES))
         opts = RunOptions(max_tokens=sum(script.plan) + 2, ignore_eos=True, block_size=script,
-                          graph=graph)
-        rounds = self._ar_laps()
+                          graph=graph, sampling=sampling)
+        rounds = self._ar_laps(sampling)
         for _ in self.generate(WARMUP_PROMPT, options=opts, mode="fused"):
             if script.done:
                 break
-        return rounds + script.rounds[len(widths):] + self._ar_laps()
+        return rounds + script.rounds[len(widths):] + self._ar_laps(sampling)
 
-    def _ar_laps(self, steps: int = 10) -> list[tuple[int, float]]:
+    def _ar_laps(self, sampling: SamplingParams, steps: int = 10) -> list[tuple[int, float]]:
         """(1, seconds) per AR step of a short oracle run, after its first (pipeline fill)."""
-        opts = RunOptions(max_tokens=steps + 1, ignore_eos=True)
+        opts = RunOptions(max_tokens=steps + 1, ignore_eos=True, sampling=sampling)
         laps = _laps(r.tokens for r in self.generate(WARMUP_PROMPT, options=opts, mode="ar"))
         return [(1, lap) for lap in laps[1:]]
 
@@ -335,7 +344,7 @@ class Engine:
         if self.drafter is None:
             self.run("ar", WARMUP_PROMPT, RunOptions(max_tokens=8, ignore_eos=True))
         else:
-            self.calibrate(opts.graph)
+            self.calibrate(opts.graph, opts.sampling)
             if isinstance(opts.block_size, int):
                 self.run("fused", WARMUP_PROMPT, RunOptions(
                     max_tokens=2 * opts.block_size, block_size=opts.block_size,

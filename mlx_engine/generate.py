@@ -76,17 +76,18 @@ def _options(args: argparse.Namespace) -> RunOptions:
                       profile=args.profile)
 
 
-def _report(mode: str, prompt_len: int, result: RunResult, engine: Engine) -> str:
+def _report(mode: str, prompt_len: int, result: RunResult, engine: Engine,
+            opts: RunOptions) -> str:
     s = result.stats
     line = (f"[{mode}] prompt {prompt_len} tok, prefill {s.prefill_tok_s:.1f} tok/s | decode "
             f"{len(result.tokens)} tok, {s.decode_tok_s:.2f} tok/s | peak "
             f"{s.peak_memory_gb:.2f} GB")
     if mode == "fused":
         line += f" | {s.blocks} blocks, tau {s.mean_accept_len:.2f}"
-        if s.blocks and engine.round_costs is not None:
+        costs = engine.round_costs.get(opts.sampling.kind)
+        if s.blocks and costs is not None:
             width = round(sum(s.widths) / s.blocks)
-            line += (f", mean width {width} = {engine.round_costs.in_ar_steps(width):.2f} "
-                     "AR steps")
+            line += f", mean width {width} = {costs.in_ar_steps(width):.2f} AR steps"
         line += (f" | {s.ar_steps} AR steps ({s.shadows} shadow drafts) | syncs/block "
                  f"{s.syncs_per_block:.2f}")
     return line
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         results["ar"] = engine.run("ar", prompt, opts)
 
     for mode, result in results.items():
-        print(_report(mode, len(prompt), result, engine), file=sys.stderr)
+        print(_report(mode, len(prompt), result, engine, opts), file=sys.stderr)
     if args.mode == "both":
         ar, fused = results["ar"], results["fused"]
         speedup = fused.stats.decode_tok_s / max(ar.stats.decode_tok_s, 1e-9)
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                                         results.get("ar"), results.get("fused"))
         params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         params["timing"] = evidence.TIMING
-        if engine.round_costs is not None and args.block_size is None:
-            params["round_cost_s"] = engine.round_costs.measured_json()
+        costs = engine.round_costs.get(opts.sampling.kind)
+        if costs is not None and args.block_size is None:
+            params["round_cost_s"] = costs.measured_json()
         record = evidence.build_record(engine, params, [sample], block_size,
                                        command=shlex.join(["python", "-m", __spec__.name,
                                                            *(argv or sys.argv[1:])]))

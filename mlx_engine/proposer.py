@@ -28,7 +28,7 @@ class DraftSource(Protocol):
     def extend(self, taps: mx.array) -> None: ...
 
     def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
-                key: mx.array) -> tuple[mx.array, mx.array | None]: ...
+                position: int) -> mx.array: ...
 
     def pending(self) -> list[mx.array]: ...
 
@@ -91,19 +91,12 @@ class DFlashDraftSource:
                                          self.head, drafts=block_size - 1)[0]
 
     def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
-                key: mx.array) -> tuple[mx.array, mx.array | None]:
-        """Draft tokens [B-1] and, if the sampler keeps it, their distribution over the full
-        vocab."""
-        choice, p = sampler.draft(self.draft_logits(anchor, block_size), key)
+                position: int) -> mx.array:
+        """Draft tokens [B-1] for the positions from `position` (the anchor's next)."""
+        choice = sampler.draft(self.draft_logits(anchor, block_size), position, self.vocab_ids)
         if self.vocab_ids is None:
-            return choice.astype(mx.int32), p
-        drafts = self.vocab_ids[choice].astype(mx.int32)
-        return drafts, None if p is None else self._scatter(p)
-
-    def _scatter(self, p: mx.array) -> mx.array:
-        full = mx.zeros((p.shape[0], self.verifier.vocab_size), dtype=p.dtype)
-        cols = mx.broadcast_to(self.vocab_ids[None], p.shape)
-        return mx.put_along_axis(full, cols, p, axis=-1)
+            return choice.astype(mx.int32)
+        return self.vocab_ids[choice].astype(mx.int32)
 
     def pending(self) -> list[mx.array]:
         return [a for c in self.cache for a in (c.keys, c.values)]

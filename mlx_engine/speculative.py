@@ -81,13 +81,6 @@ class DecodeStats:
         return self.new_tokens / total if total > 0 else 0.0
 
 
-def _keys(seed: int | None) -> Iterator[mx.array]:
-    key = mx.random.key(0 if seed is None else seed)
-    while True:
-        key, sub = mx.random.split(key)
-        yield sub
-
-
 def _stop_index(tokens: list[int], stop_ids: frozenset[int]) -> int | None:
     return next((i for i, t in enumerate(tokens) if t in stop_ids), None)
 
@@ -138,7 +131,6 @@ def _prefill(
     prompt: list[int],
     source: DraftSource | None,
     sampler: Sampler,
-    key: mx.array,
     stats: DecodeStats,
     cache: list[KVCache] | None,
 ) -> tuple[list[KVCache], int]:
@@ -157,7 +149,7 @@ def _prefill(
             mx.eval(source.pending())
 
     logits = verifier.prefill(mx.array([prompt[cached:]], dtype=mx.int32), cache, on_taps)
-    first = sampler.pick(logits[0, -1], key).item()
+    first = sampler.pick(logits[0, -1], len(prompt)).item()
     stats.prompt_tokens, stats.cached_tokens = len(prompt), cached
     stats.prefill_s = time.perf_counter() - start
     return cache, first
@@ -170,7 +162,6 @@ def ar_stream(
     max_tokens: int,
     sampler: Sampler = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
-    seed: int | None = None,
     stats: DecodeStats | None = None,
     cache: list[KVCache] | None = None,
 ) -> Iterator[list[int]]:
@@ -179,14 +170,14 @@ def ar_stream(
     `cache`, if given, already holds the prompt's first `offset` tokens (a prompt cache's).
     """
     stats = stats if stats is not None else DecodeStats()
-    keys = _keys(seed)
-    cache, first = _prefill(verifier, prompt, None, sampler, next(keys), stats, cache)
+    cache, first = _prefill(verifier, prompt, None, sampler, stats, cache)
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
 
     def step(token: mx.array) -> mx.array:
+        position = cache[0].offset + 1  # the input token's index + 1
         logits = verifier.forward(token.reshape(1, 1), cache, with_taps=False).logits
-        return sampler.pick(logits[0, -1], next(keys))
+        return sampler.pick(logits[0, -1], position)
 
     next_y = step(mx.array(first, dtype=mx.int32))
     mx.async_eval(next_y)
@@ -215,16 +206,18 @@ class _Shadow(ShadowCheck):
     """A block drafted during plain AR steps and never verified: the tokens AR commits next
     tell how many of its first SHADOW_HORIZON drafts a greedy verify would have accepted, so
     the width policy keeps measuring acceptance while it does not draft (a drafter forward,
-    no verify)."""
+    no verify). It drafts with the run's sampler, so under sampling too the check is exact."""
 
-    def __init__(self, source: DraftSource, taps: list[mx.array], anchor: int, max_width: int):
+    def __init__(self, source: DraftSource, taps: list[mx.array], anchor: int, max_width: int,
+                 sampler: Sampler, position: int):
         """`taps`: the segment's rows not yet in the drafter's context, the last one the
-        anchor's own (the anchor is the block's input, as in a drafted round)."""
+        anchor's own (the anchor is the block's input, as in a drafted round); `position`:
+        the first draft's."""
         source.extend(mx.concatenate(taps[:-1], axis=1))
         del taps[:-1]
         anchor_arr = mx.array([anchor], dtype=mx.int32)
         width = min(max_width, SHADOW_HORIZON + 1)  # the head scores only the checked drafts
-        drafts, _ = source.propose(anchor_arr, width, GREEDY, mx.random.key(0))
+        drafts = source.propose(anchor_arr, width, sampler, position)
         mx.async_eval(drafts, source.pending())
         super().__init__(drafts.tolist)
 
@@ -236,7 +229,6 @@ def _ar_segment(
     anchor: int,
     policy: WidthPolicy,
     sampler: Sampler,
-    keys: Iterator[mx.array],
     emit: _Emitter,
     clock: _RoundClock,
 ) -> Generator[list[int], None, tuple[int, int]]:
@@ -252,13 +244,14 @@ def _ar_segment(
     def step(token: mx.array) -> mx.array:
         block = verifier.forward(token.reshape(1, 1), cache)
         taps.append(block.taps)
-        return sampler.pick(block.logits[0, -1], next(keys))
+        return sampler.pick(block.logits[0, -1], cache[0].offset)
 
     y = step(mx.array(anchor, dtype=mx.int32))
     mx.async_eval(y, taps[-1])
     try:
         while True:
             width = policy.next_width()
+            after_y = cache[0].offset + 1  # the position after y's, before y is read
             if width == 1:
                 next_y = step(y)
                 mx.async_eval(next_y, taps[-1])
@@ -267,7 +260,7 @@ def _ar_segment(
                 policy.observe_shadow(*outcome)
                 shadow = None
             if width == 1 and shadow is None and policy.shadow_due():
-                shadow = _Shadow(source, taps, token, policy.max_width)
+                shadow = _Shadow(source, taps, token, policy.max_width, sampler, after_y)
                 emit.stats.shadows += 1
             emit.stats.ar_steps += 1
             policy.record(1, 0, clock.lap())
@@ -291,7 +284,6 @@ def fused_stream(
     policy: WidthPolicy,
     sampler: Sampler = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
-    seed: int | None = None,
     graph: GraphMode = "two-phase",
     profile: bool = False,
     stats: DecodeStats | None = None,
@@ -300,14 +292,13 @@ def fused_stream(
     """Speculative decoding with a block drafter; token-identical to `ar_stream` when greedy.
 
     `policy` sets each round's width: 2..B verifies a drafted block, 1 takes plain AR steps;
-    `sampler` chooses and accepts tokens (greedy: exactly AR's output).
+    `sampler` chooses and accepts tokens: exactly `ar_stream`'s with the same sampler.
     Each drafted round appends its accepted-draft count to `stats.accepted` before it yields.
     `cache`, if given, already holds the prompt's first `offset` tokens, and `source` their
     drafter context rows (a prompt cache's).
     """
     stats = stats if stats is not None else DecodeStats()
-    keys = _keys(seed)
-    cache, first = _prefill(verifier, prompt, source, sampler, next(keys), stats, cache)
+    cache, first = _prefill(verifier, prompt, source, sampler, stats, cache)
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
     anchor = first
@@ -317,23 +308,22 @@ def fused_stream(
     width = policy.next_width()
     while not emit.done:
         if width == 1:
-            segment = _ar_segment(verifier, source, cache, anchor, policy, sampler, keys, emit,
-                                  clock)
+            segment = _ar_segment(verifier, source, cache, anchor, policy, sampler, emit, clock)
             width, anchor = yield from segment
             continue
         t0 = time.perf_counter()
         anchor_arr = mx.array([anchor], dtype=mx.int32)
-        drafts, draft_p = source.propose(anchor_arr, width, sampler, next(keys))
-        draft_out = [drafts, *([] if draft_p is None else [draft_p])]
+        position = cache[0].offset + 1  # the first draft's: the anchor is not cached yet
+        drafts = source.propose(anchor_arr, width, sampler, position)
         if graph == "two-phase":
-            mx.eval(draft_out)
+            mx.eval(drafts)
             stats.host_syncs += 1
         else:
-            mx.async_eval(draft_out)
+            mx.async_eval(drafts)
         t1 = time.perf_counter()
 
         block = verifier.forward(mx.concatenate([anchor_arr, drafts])[None], cache)
-        accepted, emitted = sampler.accept(drafts, draft_p, block.logits[0], next(keys))
+        accepted, emitted = sampler.accept(drafts, block.logits[0], position)
         row = mx.concatenate([accepted[None].astype(mx.int32), emitted.astype(mx.int32)])
         values = row.tolist()
         stats.host_syncs += 1

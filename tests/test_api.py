@@ -57,11 +57,11 @@ class OracleSource(DFlashDraftSource):
 
     reference: ClassVar[list[int]] = []
 
-    def propose(self, anchor, block_size, sampler, key):
-        real, _ = super().propose(anchor, block_size, sampler, key)
+    def propose(self, anchor, block_size, sampler, position):
+        real = super().propose(anchor, block_size, sampler, position)
         g = self.context_len - len(PROMPT)
         truth = self.reference[g + 1 : g + block_size]
-        return real * 0 + mx.array(truth, dtype=mx.int32), None
+        return real * 0 + mx.array(truth, dtype=mx.int32)
 
 
 def test_from_draft_counts_the_accepted_drafts(engine, monkeypatch):
@@ -212,10 +212,13 @@ def test_generate_cli_prints_the_streamed_text(engine, tmp_path: Path, capsys):
     assert out == _text(engine, _cold_ar(engine, ids, 16).tokens) + "\n"
 
 
-def test_a_seeded_sample_repeats_without_a_block_size(engine):
-    """The adaptive policy's widths follow measured time; a seeded sample must not."""
+def test_a_seeded_sample_is_ars_under_the_adaptive_policy(engine):
+    """The adaptive policy's widths follow measured time; a seeded sample does not: it is
+    the AR sample of that seed, every time, and its round costs are measured apart."""
     from mlx_engine.sampling import SamplingParams
 
     opts = RunOptions(24, sampling=SamplingParams(temp=1.0), seed=3, ignore_eos=True)
-    first = engine.run("fused", PROMPT, opts).tokens
-    assert all(engine.run("fused", PROMPT, opts).tokens == first for _ in range(3))
+    ar = engine.run("ar", PROMPT, opts).tokens
+    assert all(engine.run("fused", PROMPT, opts).tokens == ar for _ in range(3))
+    assert "sampled" in engine.round_costs
+    assert engine.run("ar", PROMPT, RunOptions(24, ignore_eos=True)).tokens != ar

@@ -129,6 +129,17 @@ def test_default_adaptive_and_fixed_widths_are_lossless(pair, tmp_path):
     assert "ar_vs_ar_min_median" not in record["aggregate"]  # one repeat: no noise floor
 
 
+def test_a_sampled_bench_is_lossless_against_ar_with_each_prompts_seed(pair, tmp_path):
+    record = _bench(pair, tmp_path, "--workload", "chat", "--ignore-eos", "--no-mlx-lm",
+                    "--no-profile", "--temp", "0.9", "--top-k", "20", "--seed", "4")
+    greedy = _bench(pair, tmp_path, "--workload", "chat", "--ignore-eos", "--no-mlx-lm",
+                    "--no-profile")
+    assert record["aggregate"]["lossless_all"] is True and record["params"]["temp"] == 0.9
+    assert set(record["params"]["round_cost_s"]) == {"1", "2", "4", "8"}
+    assert [s["output_sha256"] for s in record["samples"]] != [
+        s["output_sha256"] for s in greedy["samples"]]
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 def test_fresh_starts_every_prompt_with_a_new_engines_acceptance(pair, tmp_path, monkeypatch,
                                                                   fresh):
@@ -139,7 +150,7 @@ def test_fresh_starts_every_prompt_with_a_new_engines_acceptance(pair, tmp_path,
 
     def spy(self, mode, prompt, opts, on_text=None):
         if mode == "fused":
-            starts.append(list(self.acceptance.tried))
+            starts.append(list(self.acceptance["greedy"].tried))
         return run(self, mode, prompt, opts, on_text)
 
     monkeypatch.setattr(Engine, "run", spy)
@@ -187,8 +198,8 @@ def test_calibration_pools_passes_until_its_minimum_time(pair, monkeypatch):
     passes: list[list[tuple[int, float]]] = []
     one_pass = engine._calibration_pass
 
-    def counted(graph):
-        passes.append(one_pass(graph))
+    def counted(graph, sampling):
+        passes.append(one_pass(graph, sampling))
         return passes[-1]
 
     monkeypatch.setattr(engine, "_calibration_pass", counted)
@@ -202,7 +213,7 @@ def test_calibration_pools_passes_until_its_minimum_time(pair, monkeypatch):
     costs = engine.calibrate()
     assert time.perf_counter() - start >= floor and len(passes) >= 2
     pooled = RoundCosts.from_rounds([r for rounds in passes for r in rounds])
-    assert costs.measured == pooled.measured and engine.round_costs is costs
+    assert costs.measured == pooled.measured and engine.round_costs["greedy"] is costs
 
 
 def test_stop_strings_end_every_arm_at_the_same_token(pair):
@@ -263,6 +274,8 @@ def test_niah_contexts_exceed_1k_real_tokens():
     (["--workload", "code", "--n", "0"], "--n must be >= 1"),
     (["--workload", "code", "--repeats", "0"], "--repeats must be >= 1"),
     (["--workload", "missing.jsonl"], "cannot read workload"),
+    (["--workload", "code", "--temp", "0.7"], "--temp compares our AR and fused arms only"),
+    (["--workload", "code", "--temp", "-1"], "need --temp >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(pair, capsys, args, message):
     rc = main(["--model", str(pair[0]), "--draft", str(pair[1]), *args])

@@ -96,7 +96,7 @@ def test_draft_vocabulary_restricts_drafts_and_stays_lossless(tmp_path, capsys):
     source = DFlashDraftSource(engine.drafter, engine.verifier, engine.draft_head)
     prompt = prompt_tokens(40, seed=4)
     engine.verifier.prefill(mx.array([prompt]), engine.verifier.make_cache(), source.extend)
-    drafts, _ = source.propose(mx.array([5]), 8, GREEDY, mx.random.key(0))
+    drafts = source.propose(mx.array([5]), 8, GREEDY, len(prompt) + 1)
     assert all(t % 3 == 0 for t in drafts.tolist())
     opts = RunOptions(max_tokens=48, ignore_eos=True)
     assert engine.run("fused", prompt, opts).tokens == engine.run("ar", prompt, opts).tokens

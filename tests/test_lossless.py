@@ -1,7 +1,9 @@
-"""Greedy fused decoding must be token-identical to plain AR, past the sliding window too."""
+"""Fused decoding must be token-identical to plain AR, past the sliding window too: greedy, and
+sampled with the same seed."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +21,7 @@ from tiny import (
 from mlx_engine.drafter import load_drafter
 from mlx_engine.policy import AdaptiveWidth, FixedWidth, RoundCosts
 from mlx_engine.proposer import DFlashDraftSource
+from mlx_engine.sampling import SamplingParams, make_sampler
 from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
@@ -104,12 +107,12 @@ class ForcedSource(DFlashDraftSource):
         super().__init__(drafter, verifier)
         self.prompt_len, self.reference, self.correct = prompt_len, reference, correct
 
-    def propose(self, anchor, block_size, sampler, key):
-        real, _ = super().propose(anchor, block_size, sampler, key)  # keep the drafter running
+    def propose(self, anchor, block_size, sampler, position):
+        real = super().propose(anchor, block_size, sampler, position)  # keep the drafter running
         g = self.context_len - self.prompt_len  # index of the anchor among generated tokens
         truth = self.reference[g + 1 : g + block_size]
         forced = [t if i < self.correct else (t + 1) % VOCAB for i, t in enumerate(truth)]
-        return real * 0 + mx.array(forced, dtype=mx.int32), None
+        return real * 0 + mx.array(forced, dtype=mx.int32)
 
 
 @pytest.mark.parametrize("block_size", [4, 8])
@@ -172,11 +175,11 @@ class PhasedSource(ForcedSource):
         self.switch = switch
         self.proposals: list[tuple[int, int]] = []  # (generated index of the anchor, width)
 
-    def propose(self, anchor, block_size, sampler, key):
+    def propose(self, anchor, block_size, sampler, position):
         g = self.context_len - self.prompt_len
         self.proposals.append((g, block_size))
         self.correct = 0 if g < self.switch else block_size
-        return super().propose(anchor, block_size, sampler, key)
+        return super().propose(anchor, block_size, sampler, position)
 
 
 class FrozenCosts(RoundCosts):
@@ -267,3 +270,76 @@ def test_shadow_drafts_measure_acceptance_and_leave_output_and_context_alone(pai
         assert a.offset == b.offset >= len(prompt) + n - 1
         assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-5)
         assert mx.allclose(a.values[..., : a.offset, :], b.values[..., : b.offset, :], atol=1e-5)
+
+
+class RandomWidthsWithShadows(ShadowEveryStep):
+    """Any width 1..16 in any order, a shadow draft whenever none is pending."""
+
+    def __init__(self, seed: int):
+        super().__init__(shadows=True)
+        self.rng = random.Random(seed)
+
+    def next_width(self) -> int:
+        return self.rng.choice([1, 1, 2, 3, 5, 8, 16])
+
+
+SAMPLED = SamplingParams(temp=0.8, top_k=40, top_p=0.95)
+
+
+@pytest.mark.parametrize("policy", ["fixed-4", "fixed-16", "random"])
+def test_sampled_fused_equals_sampled_ar_for_the_same_seed(pair, policy):
+    """Gumbel-max noise drawn per (seed, position): the widths, AR steps and shadow drafts
+    cannot change what is sampled, and another seed samples something else."""
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=29)
+
+    def sampler(seed):
+        return make_sampler(SAMPLED, seed, verifier.vocab_size)
+
+    width = (RandomWidthsWithShadows(3) if policy == "random"
+             else FixedWidth(int(policy.split("-")[1])))
+    stats = DecodeStats()
+    fused = collect(fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt,
+                                 NEW_TOKENS, width, sampler=sampler(7), stats=stats))
+    ar = _ar(verifier, prompt, sampler=sampler(7))
+    assert fused == ar and len(set(fused)) > 5
+    assert ar != _ar(verifier, prompt, sampler=sampler(8))
+    assert ar != _ar(verifier, prompt)  # not the greedy answer
+    if policy == "random":
+        assert stats.ar_steps > 0 and stats.blocks > 0 and stats.shadows > 0
+
+
+class TargetDraftSource(DFlashDraftSource):
+    """Drafts from the target's own logits at the block's positions (the drafter still runs):
+    with the run's noise at the right positions, every draft is the target's own sample."""
+
+    def __init__(self, drafter, verifier, prompt: list[int], reference: list[int]):
+        super().__init__(drafter, verifier)
+        full = mx.array([prompt + reference])
+        self.target_logits = verifier.forward(full, verifier.make_cache(),
+                                              with_taps=False).logits[0]
+
+    def draft_logits(self, anchor, block_size):
+        real = super().draft_logits(anchor, block_size)
+        at = self.context_len  # the anchor's index: its row chooses the first draft
+        return real[:, :1] * 0 + self.target_logits[at : at + block_size - 1]
+
+
+def test_sampled_drafts_and_shadows_share_the_verifiers_noise(pair):
+    """A drafter that knew the target's logits would draft exactly its samples, so every
+    draft is accepted, in rounds and in shadows: drafts use the noise of their positions."""
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=31)
+    n = 48
+    reference = _ar(verifier, prompt, n + 16, sampler=make_sampler(SAMPLED, 5, verifier.vocab_size))
+    for policy in (FixedWidth(8), ShadowEveryStep(shadows=True)):
+        source = TargetDraftSource(drafter, verifier, prompt, reference)
+        stats = DecodeStats()
+        fused = collect(fused_stream(verifier, source, prompt, n, policy, stats=stats,
+                                     sampler=make_sampler(SAMPLED, 5, verifier.vocab_size)))
+        assert fused == reference[:n]
+        if stats.blocks:
+            assert sum(stats.accepted) >= 0.9 * 7 * stats.blocks
+        else:
+            assert len(policy.outcomes) >= 6
+            assert sum(a for _, a in policy.outcomes) >= 0.9 * 4 * len(policy.outcomes)

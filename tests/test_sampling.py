@@ -14,7 +14,7 @@ from tiny import drafter_config, make_target, save_random_drafter
 from mlx_engine.drafter import load_drafter
 from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource, DraftHead
-from mlx_engine.sampling import Greedy, SamplingParams, make_sampler, probs
+from mlx_engine.sampling import Sampler, SamplingParams, make_sampler, probs
 from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
@@ -55,7 +55,7 @@ def _exact_joint(verifier: Verifier) -> dict[tuple[int, int, int], float]:
 def _fused(verifier, drafter, seed: int, n: int = 3, head: DraftHead | None = None) -> list[int]:
     source = DFlashDraftSource(drafter, verifier, head)
     return collect(fused_stream(verifier, source, PROMPT, n, FixedWidth(4),
-                                sampler=make_sampler(PARAMS), seed=seed))
+                                sampler=make_sampler(PARAMS, seed, V)))
 
 
 def _pooled_chisquare(counts: Counter, expected: dict, total: int) -> float:
@@ -131,23 +131,23 @@ def test_top_k_and_top_p_restrict_the_support():
     assert top_p[0] > 0 and top_p[1] > 0 and all(p == 0 for p in top_p[2:])
 
 
-class CountingGreedy(Greedy):
+class CountingGreedy(Sampler):
     """Greedy, counting who asks it for what."""
 
     def __init__(self) -> None:
         self.calls: Counter = Counter()
 
-    def pick(self, logits, key):
+    def pick(self, logits, position):
         self.calls["pick"] += 1
-        return super().pick(logits, key)
+        return super().pick(logits, position)
 
-    def draft(self, logits, key):
+    def draft(self, logits, position, vocab_ids=None):
         self.calls["draft"] += 1
-        return super().draft(logits, key)
+        return super().draft(logits, position, vocab_ids)
 
-    def accept(self, drafts, draft_p, target_logits, key):
+    def accept(self, drafts, target_logits, position):
         self.calls["accept"] += 1
-        return super().accept(drafts, draft_p, target_logits, key)
+        return super().accept(drafts, target_logits, position)
 
 
 def test_the_sampler_is_the_seam_the_proposer_and_the_loop_each_call_once(pair):
