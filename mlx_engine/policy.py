@@ -16,7 +16,7 @@ new engine has seen nothing (each run of the `generate` CLI): its counts start a
 the first draft, half accepted, so that one failed opening round does not end drafting alone.
 AR steps verify no drafts, so while it decodes plainly the loop drafts a block in the shadow
 every `shadow_gap` steps: never verified, it is checked against the tokens AR then commits,
-which tells exactly how many of its first drafts a verify would have accepted (greedy).
+which tells exactly how many of its first drafts a verify would have accepted.
 Acceptance is thus measured all along, at the cost of a drafter forward, not of a losing
 verify round; a shadow that would have paid for its round sends the next round back to
 drafting, so speculation resumes as soon as the text turns into one the drafter knows (a long
@@ -75,7 +75,7 @@ class WidthPolicy(Protocol):
 
 class ShadowCheck:
     """A shadow draft's first drafts against the tokens plain AR steps commit after its anchor:
-    once a draft differs, all are checked, or the steps end, how many of them a greedy verify
+    once a draft differs, all are checked, or the steps end, how many of them a verify
     would have accepted, as `WidthPolicy.observe_shadow`'s (width, accepted)."""
 
     def __init__(self, read_drafts: Callable[[], list[int]]):

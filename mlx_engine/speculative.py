@@ -204,7 +204,7 @@ class _RoundClock:
 
 class _Shadow(ShadowCheck):
     """A block drafted during plain AR steps and never verified: the tokens AR commits next
-    tell how many of its first SHADOW_HORIZON drafts a greedy verify would have accepted, so
+    tell how many of its first SHADOW_HORIZON drafts a verify would have accepted, so
     the width policy keeps measuring acceptance while it does not draft (a drafter forward,
     no verify). It drafts with the run's sampler, so under sampling too the check is exact."""
 
@@ -242,9 +242,10 @@ def _ar_segment(
     shadow: _Shadow | None = None
 
     def step(token: mx.array) -> mx.array:
+        position = cache[0].offset + 1  # the input token's index + 1
         block = verifier.forward(token.reshape(1, 1), cache)
         taps.append(block.taps)
-        return sampler.pick(block.logits[0, -1], cache[0].offset)
+        return sampler.pick(block.logits[0, -1], position)
 
     y = step(mx.array(anchor, dtype=mx.int32))
     mx.async_eval(y, taps[-1])
@@ -289,10 +290,11 @@ def fused_stream(
     stats: DecodeStats | None = None,
     cache: list[KVCache] | None = None,
 ) -> Iterator[list[int]]:
-    """Speculative decoding with a block drafter; token-identical to `ar_stream` when greedy.
+    """Speculative decoding with a block drafter; token-identical to `ar_stream` with the same
+    sampler (greedy, or sampled under the same seed).
 
     `policy` sets each round's width: 2..B verifies a drafted block, 1 takes plain AR steps;
-    `sampler` chooses and accepts tokens: exactly `ar_stream`'s with the same sampler.
+    `sampler` chooses tokens and accepts drafts.
     Each drafted round appends its accepted-draft count to `stats.accepted` before it yields.
     `cache`, if given, already holds the prompt's first `offset` tokens, and `source` their
     drafter context rows (a prompt cache's).
