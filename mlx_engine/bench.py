@@ -156,9 +156,9 @@ class Bench:
         load), whether every fused run equalled AR, and every repeat's decode speed. Each fused
         repeat starts from the acceptance the engine had before this prompt (none with
         `--fresh`): it must not learn the prompt itself."""
-        kind, width = opts.sampling.kind, self.engine.block_size(None)
-        learned = self.engine.acceptance.setdefault(kind, Acceptance(width))
-        before = Acceptance(width) if self.args.fresh else copy.deepcopy(learned)
+        kind = opts.sampling.kind
+        learned = self.engine.learned_acceptance(kind)
+        before = Acceptance(learned.max_width) if self.args.fresh else copy.deepcopy(learned)
         all_runs: dict[str, list[tuple[RunResult, dict[str, float]]]] = {}
         for r in range(self.args.repeats):
             shift = (index + r) % len(self.arms)

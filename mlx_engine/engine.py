@@ -196,7 +196,7 @@ class Engine:
         if block_size is None:
             kind = opts.sampling.kind
             costs = self.round_costs.get(kind) or self.calibrate(opts.graph, opts.sampling)
-            acceptance = self.acceptance.setdefault(kind, Acceptance(self.block_size(None)))
+            acceptance = self.learned_acceptance(kind)
             if not learn:
                 costs, acceptance = copy.deepcopy((costs, acceptance))
             return AdaptiveWidth(costs, self.block_size(None), acceptance)
@@ -210,6 +210,11 @@ class Engine:
                             f"(a policy that never drafts in the shadow can inherit "
                             f"mlx_engine.policy.NeverShadows)")
         return block_size
+
+    def learned_acceptance(self, kind: str) -> Acceptance:
+        """The acceptance earlier sequences of a sampling kind saw (a new engine's counts for
+        a kind not run yet): what an adaptive policy starts from."""
+        return self.acceptance.setdefault(kind, Acceptance(self.block_size(None)))
 
     def generate(self, prompt: Prompt, *, options: RunOptions | None = None,
                  mode: Mode | None = None, prompt_cache: PromptCache | None = None,

@@ -81,6 +81,12 @@ class DecodeStats:
         return self.new_tokens / total if total > 0 else 0.0
 
 
+def _next_position(cache: list[KVCache]) -> int:
+    """The sequence index of the token the next forward's first row chooses: that forward's
+    first input goes in at the cache's offset. The sampler's noise is keyed by it."""
+    return cache[0].offset + 1
+
+
 def _stop_index(tokens: list[int], stop_ids: frozenset[int]) -> int | None:
     return next((i for i, t in enumerate(tokens) if t in stop_ids), None)
 
@@ -175,7 +181,7 @@ def ar_stream(
     yield emit.take([first])
 
     def step(token: mx.array) -> mx.array:
-        position = cache[0].offset + 1  # the input token's index + 1
+        position = _next_position(cache)
         logits = verifier.forward(token.reshape(1, 1), cache, with_taps=False).logits
         return sampler.pick(logits[0, -1], position)
 
@@ -242,7 +248,7 @@ def _ar_segment(
     shadow: _Shadow | None = None
 
     def step(token: mx.array) -> mx.array:
-        position = cache[0].offset + 1  # the input token's index + 1
+        position = _next_position(cache)
         block = verifier.forward(token.reshape(1, 1), cache)
         taps.append(block.taps)
         return sampler.pick(block.logits[0, -1], position)
@@ -252,7 +258,7 @@ def _ar_segment(
     try:
         while True:
             width = policy.next_width()
-            after_y = cache[0].offset + 1  # the position after y's, before y is read
+            after_y = _next_position(cache)  # y's input is cached: the position after y's
             if width == 1:
                 next_y = step(y)
                 mx.async_eval(next_y, taps[-1])
@@ -315,7 +321,7 @@ def fused_stream(
             continue
         t0 = time.perf_counter()
         anchor_arr = mx.array([anchor], dtype=mx.int32)
-        position = cache[0].offset + 1  # the first draft's: the anchor is not cached yet
+        position = _next_position(cache)  # the first draft's: the anchor goes in next
         drafts = source.propose(anchor_arr, width, sampler, position)
         if graph == "two-phase":
             mx.eval(drafts)
