@@ -29,7 +29,7 @@ from .errors import UserError, cli_entry
 from .policy import Acceptance
 from .sampling import SamplingParams
 from .sources import DEFAULT
-from .speculative import DecodeStats
+from .speculative import GRAPH_MODES, DecodeStats
 from .stopping import StopStrings
 
 ARMS = ("ar", "fused", "mlx_lm")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="z-lab-format DFlash drafter dir or HF id (default: bundled)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="verifier dtype (default: as stored; offline model fp32 on CPU)")
-    p.add_argument("--graph", choices=["two-phase", "single"], default="two-phase")
+    p.add_argument("--graph", choices=GRAPH_MODES, default="two-phase")
     p.add_argument("--temp", type=float, default=0.0,
                    help="sample at this temperature (with --top-p, --top-k; our two arms only)")
     p.add_argument("--top-p", type=float, default=1.0)

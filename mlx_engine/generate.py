@@ -18,6 +18,7 @@ from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
 from .sampling import SamplingParams
 from .sources import DEFAULT
+from .speculative import GRAPH_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="decode the full --max-tokens")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="verifier dtype (default: as stored; offline model fp32 on CPU)")
-    p.add_argument("--graph", choices=["two-phase", "single"], default="two-phase",
+    p.add_argument("--graph", choices=GRAPH_MODES, default="two-phase",
                    help="materialise the drafter graph before the verifier's (default)")
     p.add_argument("--profile", action="store_true",
                    help="time the drafter-context extension separately (one more sync)")

@@ -40,6 +40,7 @@ from .engine import DTYPES, Engine, RunOptions
 from .errors import UserError, cli_entry
 from .openai_api import ChatRequest, CompletionRequest, Reply, decoding, error_body
 from .sources import DEFAULT
+from .speculative import GRAPH_MODES
 from .worker import END, Job, Worker
 
 DEFAULT_PORT = 8080
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verifier dtype (default: as stored; offline model fp32 on CPU)")
     p.add_argument("--block-size", type=int, default=None,
                    help="verify width for requests that name none (default: adaptive)")
-    p.add_argument("--graph", choices=["two-phase", "single"], default="two-phase")
+    p.add_argument("--graph", choices=GRAPH_MODES, default="two-phase")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="new-token budget of requests that set none")
     p.add_argument("--max-queue", type=int, default=256,
