@@ -22,19 +22,13 @@ from .drafter_config import DRAFT_VOCAB_FILE, DrafterConfig
 from .errors import UserError
 
 
-def block_mask(context: int, start: int | mx.array, size: int, causal: bool,
-               window: int | None) -> mx.array | None:
-    """Visibility of [context rows + block] keys for the block's queries, the block at
-    positions `start`... Context rows from `start` on are ones not yet confirmed (a block
-    drafted before the verify that decides them is read back): hidden."""
-    confirmed = isinstance(start, int) and start == context
-    if confirmed and not causal and window is None:
+def block_mask(start: int, size: int, causal: bool, window: int | None) -> mx.array | None:
+    """Visibility of [context (start rows) + block] keys for the block's queries."""
+    if not causal and window is None:
         return None
-    rows = mx.arange(context + size)
-    in_block = rows >= context
-    k = mx.where(in_block, start + rows - context, rows)[None]  # each key's position
-    q = start + mx.arange(size)[:, None]
-    visible = mx.broadcast_to(in_block | (k < start), (size, context + size))
+    q = mx.arange(start, start + size)[:, None]
+    k = mx.arange(start + size)[None]
+    visible = mx.ones((size, start + size), dtype=mx.bool_)
     if causal:
         visible = visible & (k <= q)
     if window is not None:
@@ -74,19 +68,16 @@ class DrafterAttention(nn.Module):
         k, v = self._keys_values(ctx, cache.offset)
         cache.update_and_fetch(k, v)
 
-    def __call__(self, x: mx.array, cache: KVCache,
-                 unconfirmed: mx.array | None = None) -> mx.array:
-        """`unconfirmed`: how many of the newest context rows a verify has not yet confirmed
-        (an in-graph count): the block starts where they start and does not see them."""
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
-        start = cache.offset if unconfirmed is None else cache.offset - unconfirmed
+        start = cache.offset
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=start)
         kb, vb = self._keys_values(x, start)
         kc, vc = cache.keys_and_values()
         keys = mx.concatenate([kc, kb], axis=2)
         values = mx.concatenate([vc, vb], axis=2)
-        mask = block_mask(cache.offset, start, L, self.causal, self.window)
+        mask = block_mask(start, L, self.causal, self.window)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -110,9 +101,8 @@ class DrafterLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache,
-                 unconfirmed: mx.array | None = None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cache, unconfirmed)
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,15 +132,13 @@ class DFlashDrafter(nn.Module):
         embed_fn: Callable[[mx.array], mx.array],
         head_fn: Callable[[mx.array], mx.array],
         drafts: int | None = None,
-        unconfirmed: mx.array | None = None,
     ) -> mx.array:
         """Logits [1, D, V] for block positions 1..D (position i predicts token i), D =
-        `drafts` or B-1: the head scores only the drafts a round will verify. `unconfirmed`:
-        the newest context rows to draft without (see `DrafterAttention`)."""
+        `drafts` or B-1: the head scores only the drafts a round will verify."""
         cfg = self.config
         x = embed_fn(block_ids) * cfg.input_embedding_scale
         for layer, c in zip(self.layers, cache, strict=True):
-            x = layer(x, c, unconfirmed)
+            x = layer(x, c)
         end = None if drafts is None else 1 + drafts
         logits = head_fn(self.norm(x[:, 1:end])) * cfg.output_multiplier
         if cfg.final_logit_softcapping:

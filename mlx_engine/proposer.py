@@ -28,9 +28,7 @@ class DraftSource(Protocol):
     def extend(self, taps: mx.array) -> None: ...
 
     def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
-                position: int, unconfirmed: mx.array | None = None) -> mx.array: ...
-
-    def trim(self, n: int) -> None: ...
+                position: int) -> mx.array: ...
 
     def pending(self) -> list[mx.array]: ...
 
@@ -83,28 +81,19 @@ class DFlashDraftSource:
     def extend(self, taps: mx.array) -> None:
         self.drafter.extend_context(taps, self.cache)
 
-    def trim(self, n: int) -> None:
-        """Drop the newest `n` context rows (a verify rejected them)."""
-        Verifier.trim(self.cache, n)
-
-    def draft_logits(self, anchor: mx.array, block_size: int,
-                     unconfirmed: mx.array | None = None) -> mx.array:
+    def draft_logits(self, anchor: mx.array, block_size: int) -> mx.array:
         """[block_size-1, V'] logits, V' = the draft vocabulary's size (the full vocab without
         one). The drafter always sees its trained block (anchor + B-1 mask tokens): its block
         attends both ways, so a narrower block would be an input it never saw and draft
-        worse; a narrow round verifies the first drafts of the full block. `unconfirmed`: the
-        newest context rows to draft without, an in-graph count."""
+        worse; a narrow round verifies the first drafts of the full block."""
         ids = mx.concatenate([anchor.astype(mx.int32), self.masks])
         return self.drafter.draft_logits(ids[None], self.cache, self.verifier.embed,
-                                         self.head, drafts=block_size - 1,
-                                         unconfirmed=unconfirmed)[0]
+                                         self.head, drafts=block_size - 1)[0]
 
     def propose(self, anchor: mx.array, block_size: int, sampler: Sampler,
-                position: int, unconfirmed: mx.array | None = None) -> mx.array:
-        """Draft tokens [B-1] for the positions from `position` (the anchor's next), from
-        the context without its `unconfirmed` newest rows (the pipelined loop's lookahead)."""
-        logits = self.draft_logits(anchor, block_size, unconfirmed)
-        choice = sampler.draft(logits, position, self.vocab_ids)
+                position: int) -> mx.array:
+        """Draft tokens [B-1] for the positions from `position` (the anchor's next)."""
+        choice = sampler.draft(self.draft_logits(anchor, block_size), position, self.vocab_ids)
         if self.vocab_ids is None:
             return choice.astype(mx.int32)
         return self.vocab_ids[choice].astype(mx.int32)

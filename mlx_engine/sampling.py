@@ -88,8 +88,6 @@ class Sampler:
     first choose the next positions); `vocab_ids` maps a draft vocabulary's columns to
     token ids."""
 
-    keyed_by_position = False  # whether scores depend on `position`
-
     def scores(self, logits: mx.array, position: int,
                vocab_ids: mx.array | None = None) -> mx.array:
         return logits
@@ -113,8 +111,6 @@ class Sampler:
 class GumbelMax(Sampler):
     """Samples with temperature / top-k / top-p as argmax of scores plus noise drawn per
     (seed, position): fused and AR decoding then sample the same tokens."""
-
-    keyed_by_position = True
 
     def __init__(self, params: SamplingParams, seed: int, vocab_size: int):
         self.params, self.seed, self.vocab_size = params, seed % 2**32, vocab_size

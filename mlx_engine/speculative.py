@@ -6,11 +6,6 @@ once -> trim the rejected rows -> queue the drafter context extension. In `two-p
 mode the drafter graph is materialised before the verifier graph is built (one graph for
 both has made Metal evaluation pathologically slow): 2 host syncs per block. `single` only
 queues the drafts, so the device drafts while the host builds the verify: 1 sync per block.
-`pipelined` also queues the next block's drafts before the verify is read back (`_lookahead`),
-so the device drafts while the host reads back, trims and builds the next verify; the
-drafter sees the whole block's context rows, the ones the verify rejects hidden by its mask
-and trimmed after the read-back (greedy decoding only).
-
 A round of width 1 is a plain AR step (`_ar_segment`): the width policy's fallback, during
 which a block drafted now and then in the shadow keeps measuring acceptance.
 """
@@ -27,13 +22,12 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
-from .errors import UserError
 from .policy import SHADOW_HORIZON, ShadowCheck, WidthPolicy
 from .proposer import DraftSource
 from .sampling import GREEDY, Sampler
 from .verifier import Verifier
 
-GraphMode = Literal["two-phase", "single", "pipelined"]
+GraphMode = Literal["two-phase", "single"]
 GRAPH_MODES: tuple[str, ...] = get_args(GraphMode)
 
 
@@ -317,56 +311,42 @@ def fused_stream(
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
     anchor = first
-    if profile and graph != "pipelined":  # pipelined: the extension is queued with the drafts
+    if profile:
         stats.extend_s = 0.0
-    if graph == "pipelined" and sampler.keyed_by_position:
-        raise UserError("--graph pipelined decodes greedily only; sample with single or two-phase")
     clock = _RoundClock()
     width = policy.next_width()
-    queued: mx.array | None = None  # pipelined: this round's drafts, queued by the last
     while not emit.done:
         if width == 1:
-            queued = None
             segment = _ar_segment(verifier, source, cache, anchor, policy, sampler, emit, clock)
             width, anchor = yield from segment
             continue
         t0 = time.perf_counter()
         anchor_arr = mx.array([anchor], dtype=mx.int32)
         position = _next_position(cache)  # the first draft's: the anchor goes in next
-        if queued is not None:
-            drafts = queued[: width - 1]
+        drafts = source.propose(anchor_arr, width, sampler, position)
+        if graph == "two-phase":
+            mx.eval(drafts)
+            stats.host_syncs += 1
         else:
-            drafts = source.propose(anchor_arr, width, sampler, position)
-            if graph == "two-phase":
-                mx.eval(drafts)
-                stats.host_syncs += 1
-            else:
-                mx.async_eval(drafts)
+            mx.async_eval(drafts)
         t1 = time.perf_counter()
 
         block = verifier.forward(mx.concatenate([anchor_arr, drafts])[None], cache)
         accepted, emitted = sampler.accept(drafts, block.logits[0], position)
         row = mx.concatenate([accepted[None].astype(mx.int32), emitted.astype(mx.int32)])
-        if graph == "pipelined":
-            mx.async_eval(row)
-            queued = _lookahead(source, block.taps, accepted, emitted, width, policy.max_width,
-                                sampler, position)
         values = row.tolist()
         stats.host_syncs += 1
         n_acc = values[0]
         t2 = time.perf_counter()
 
         verifier.trim(cache, width - 1 - n_acc)
-        if graph == "pipelined":
-            source.trim(width - 1 - n_acc)
+        source.extend(block.taps[:, : n_acc + 1])
+        if profile:
+            mx.eval(source.pending())
+            stats.host_syncs += 1
+            stats.extend_s += time.perf_counter() - t2
         else:
-            source.extend(block.taps[:, : n_acc + 1])
-            if profile:
-                mx.eval(source.pending())
-                stats.host_syncs += 1
-                stats.extend_s += time.perf_counter() - t2
-            else:
-                mx.async_eval(source.pending())
+            mx.async_eval(source.pending())
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.blocks += 1
@@ -378,22 +358,6 @@ def fused_stream(
         anchor = tokens[-1]
         yield emit.take(tokens)
         width = policy.next_width()
-
-
-def _lookahead(source: DraftSource, taps: mx.array, accepted: mx.array, emitted: mx.array,
-               width: int, max_width: int, sampler: Sampler, position: int) -> mx.array:
-    """The next block's drafts, queued before this round's verify is read back: the drafter
-    context takes all of the block's rows and drafts from the verifier's token after the
-    accepted drafts, without the rows past it, which the read-back then trims. The head
-    scores `max_width` - 1 drafts: the next width is chosen after the read-back. The drafts'
-    positions depend on the count not yet read back, so the sampler must not be keyed by
-    position (`position` is this round's)."""
-    source.extend(taps)
-    anchor = mx.take(emitted, accepted)[None]
-    drafts = source.propose(anchor, max_width, sampler, position,
-                            unconfirmed=width - 1 - accepted)
-    mx.async_eval(drafts, source.pending())
-    return drafts
 
 
 def collect(stream: Iterator[list[int]]) -> list[int]:

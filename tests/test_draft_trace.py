@@ -50,7 +50,7 @@ def test_the_trace_agrees_with_the_rounds_the_loop_took(tmp_path, monkeypatch):
 
     # A random drafter never agrees; one that drafts the answer itself, missing after
     # (anchor index % BLOCK) tokens, exercises rounds of every length in the loop and the trace.
-    def oracle(self, anchor, block_size, unconfirmed=None):
+    def oracle(self, anchor, block_size):
         i = self.context_len - start
         want = (answer[i + 1 : i + block_size] + [0] * block_size)[: block_size - 1]
         ids = [t if k < i % BLOCK else (t + 1) % self.verifier.vocab_size

@@ -19,7 +19,6 @@ from tiny import (
 )
 
 from mlx_engine.drafter import load_drafter
-from mlx_engine.errors import UserError
 from mlx_engine.policy import AdaptiveWidth, FixedWidth, RoundCosts
 from mlx_engine.proposer import DFlashDraftSource
 from mlx_engine.sampling import SamplingParams, make_sampler
@@ -102,31 +101,22 @@ def test_stop_token_ends_both_loops_at_the_same_place(pair):
 
 
 class ForcedSource(DFlashDraftSource):
-    """Drafts the true continuation for `correct` positions, then a wrong token. The drafts
-    are chosen in-graph from where the block starts, which a pipelined round's lookahead
-    knows only in-graph (its `unconfirmed` count)."""
+    """Drafts the true continuation for `correct` positions, then a wrong token."""
 
     def __init__(self, drafter, verifier, prompt_len: int, reference: list[int], correct: int):
         super().__init__(drafter, verifier)
-        self.prompt_len, self.correct = prompt_len, correct
-        self.reference = mx.array(reference + [0] * 16, dtype=mx.int32)
+        self.prompt_len, self.reference, self.correct = prompt_len, reference, correct
 
-    def propose(self, anchor, block_size, sampler, position, unconfirmed=None):
-        real = super().propose(anchor, block_size, sampler, position, unconfirmed)
+    def propose(self, anchor, block_size, sampler, position):
+        real = super().propose(anchor, block_size, sampler, position)  # keep the drafter running
         g = self.context_len - self.prompt_len  # index of the anchor among generated tokens
-        if unconfirmed is not None:
-            g = g - unconfirmed
-        steps = mx.arange(block_size - 1)
-        truth = mx.take(self.reference, g + 1 + steps)
-        forced = mx.where(steps < self.correct, truth, (truth + 1) % VOCAB)
-        return real * 0 + forced.astype(mx.int32)
+        truth = self.reference[g + 1 : g + block_size]
+        forced = [t if i < self.correct else (t + 1) % VOCAB for i, t in enumerate(truth)]
+        return real * 0 + mx.array(forced, dtype=mx.int32)
 
 
-@pytest.mark.parametrize("graph", ["two-phase", "pipelined"])
 @pytest.mark.parametrize("block_size", [4, 8])
-def test_every_acceptance_count_commits_exactly(pair, block_size, graph):
-    """Also pipelined: a lookahead drafts from the anchor and context each count leaves, or
-    its drafts (true only from the right start) would not be accepted `correct` at a time."""
+def test_every_acceptance_count_commits_exactly(pair, block_size):
     verifier, drafter = pair
     prompt = prompt_tokens(PROMPT_LEN, seed=11)
     reference = _ar(verifier, prompt, NEW_TOKENS + block_size)
@@ -135,7 +125,7 @@ def test_every_acceptance_count_commits_exactly(pair, block_size, graph):
         source = ForcedSource(drafter, verifier, len(prompt), reference, correct)
         fused = collect(
             fused_stream(verifier, source, prompt, NEW_TOKENS, FixedWidth(block_size),
-                         graph=graph, stats=stats)
+                         stats=stats)
         )
         assert fused == reference[:NEW_TOKENS], f"accepting {correct} drafts broke exactness"
         assert set(stats.accepted) == {correct}
@@ -329,8 +319,8 @@ class TargetDraftSource(DFlashDraftSource):
         self.target_logits = verifier.forward(full, verifier.make_cache(),
                                               with_taps=False).logits[0]
 
-    def draft_logits(self, anchor, block_size, unconfirmed=None):
-        real = super().draft_logits(anchor, block_size, unconfirmed)
+    def draft_logits(self, anchor, block_size):
+        real = super().draft_logits(anchor, block_size)
         at = self.context_len  # the anchor's index: its row chooses the first draft
         return real[:, :1] * 0 + self.target_logits[at : at + block_size - 1]
 
@@ -353,57 +343,3 @@ def test_sampled_drafts_and_shadows_share_the_verifiers_noise(pair):
         else:
             assert len(policy.outcomes) >= 6
             assert sum(a for _, a in policy.outcomes) >= 0.9 * 4 * len(policy.outcomes)
-
-
-@pytest.mark.parametrize("policy", ["fixed-2", "fixed-16", "random"])
-def test_pipelined_graph_mode_is_lossless_and_leaves_the_same_context(pair, policy):
-    """Drafting the next block before the verify is read back changes neither the output nor
-    the drafter's context rows (the lookahead's extra rows are trimmed), also across AR
-    steps and shadow drafts; one read-back per block."""
-    verifier, drafter = pair
-    prompt = prompt_tokens(PROMPT_LEN, seed=37)
-    runs = {}
-    for graph in ("two-phase", "pipelined"):
-        width = (RandomWidthsWithShadows(3) if policy == "random"
-                 else FixedWidth(int(policy.split("-")[1])))
-        source, stats = DFlashDraftSource(drafter, verifier), DecodeStats()
-        tokens = collect(fused_stream(verifier, source, prompt, NEW_TOKENS, width,
-                                      graph=graph, stats=stats))
-        runs[graph] = tokens, source, stats
-    tokens, source, stats = runs["pipelined"]
-    plain_tokens, plain_source, plain_stats = runs["two-phase"]
-    assert tokens == plain_tokens == _ar(verifier, prompt)
-    assert stats.accepted == plain_stats.accepted
-    for a, b in zip(source.cache, plain_source.cache, strict=True):
-        assert a.offset == b.offset >= len(prompt) + NEW_TOKENS - 1
-        assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-5)
-        assert mx.allclose(a.values[..., : a.offset, :], b.values[..., : b.offset, :], atol=1e-5)
-    if policy == "random":
-        assert stats.blocks > 0 and stats.ar_steps > 0 and stats.shadows > 0
-    else:
-        assert stats.syncs_per_block == 1
-
-
-def test_a_lookahead_drafts_as_if_the_unconfirmed_rows_were_trimmed(pair):
-    """The drafter's mask hides context rows a verify has not yet confirmed: drafting with
-    them hidden equals drafting after they are trimmed (sliding, causal layers included)."""
-    verifier, drafter = pair
-    source = DFlashDraftSource(drafter, verifier)
-    cache = verifier.make_cache()
-    verifier.prefill(mx.array([prompt_tokens(40, seed=5)]), cache, source.extend)
-    rows = verifier.forward(mx.array([prompt_tokens(6, seed=6)]), cache).taps
-    source.extend(rows)
-    anchor = mx.array([7], dtype=mx.int32)
-    hidden = {k: source.draft_logits(anchor, 16, unconfirmed=mx.array(k)) for k in (0, 3, 5)}
-    for k in (0, 3, 5):  # trim down to each count's context
-        source.trim(source.context_len - (40 + 6 - k))
-        assert mx.allclose(hidden[k], source.draft_logits(anchor, 16), atol=1e-5)
-    assert not mx.allclose(hidden[0], hidden[5], atol=1e-3)
-
-
-def test_pipelined_graph_mode_refuses_a_sampler_keyed_by_position(pair):
-    verifier, drafter = pair
-    sampler = make_sampler(SAMPLED, 1, verifier.vocab_size)
-    with pytest.raises(UserError, match="greedily only"):
-        collect(fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt_tokens(8),
-                             8, FixedWidth(4), sampler=sampler, graph="pipelined"))

@@ -4,6 +4,8 @@ order, so a machine whose speed drifts reaches every arm alike; and where a roun
 
     python scripts/gpu/graph_ab.py --model DIR --n 16 --width 16 --json F.json
 
+(any machine: on a CPU, evaluation is most of every forward).
+
 Prints each mode's median speed against AR (per prompt, then the median), tau, and the
 median seconds per drafted round; then, on one prompt's cache, the host time to build a
 1-row and a `width`-row verify graph and a draft graph, and the time to build and evaluate
@@ -94,18 +96,19 @@ def anatomy(engine: Engine, prompt: list[int], width: int) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
+    p.add_argument("--draft", default="default")
     p.add_argument("--workload", default="code")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--modes", default=",".join(GRAPH_MODES))
     p.add_argument("--json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tool = code_version()
-    engine = Engine.load(args.model)
+    engine = Engine.load(args.model, args.draft)
     ids = [workloads.encode(engine, q) for q in workloads.load(args.workload)[: args.n]]
     modes = args.modes.split(",")
     for m in modes:  # compile every shape once
