@@ -4,28 +4,21 @@ loop accepted where the loop's rounds started."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from itertools import pairwise
-from pathlib import Path
 
 import mlx.core as mx
-from tiny import TARGET_CONFIGS, drafter_config, save_model_dir, save_random_drafter
+from tiny import load_script, save_pair
 
 from mlx_engine.engine import Engine
 from mlx_engine.proposer import DFlashDraftSource
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "draft_trace.py"
 BLOCK = 4
 
 
 def test_the_trace_agrees_with_the_rounds_the_loop_took(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("draft_trace", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    model = save_model_dir(tmp_path / "model")
-    layers = TARGET_CONFIGS["gemma3_text"]["num_hidden_layers"]
-    draft = save_random_drafter(tmp_path / "draft", drafter_config(layers, block_size=BLOCK))
+    script = load_script("draft_trace.py")
+    model, draft = save_pair(tmp_path, BLOCK)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("def add(a, b):\n    " * 12)
     out = tmp_path / "trace.json"

@@ -3,22 +3,14 @@ are checked against AR's, and the report has each mode's paired numbers and the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from tiny import TARGET_CONFIGS, drafter_config, save_model_dir, save_random_drafter
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "gpu" / "graph_ab.py"
+from tiny import load_script, save_pair
 
 
 def test_the_ab_reports_every_mode_against_ar(tmp_path):
-    spec = importlib.util.spec_from_file_location("graph_ab", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    model = save_model_dir(tmp_path / "model")
-    layers = TARGET_CONFIGS["gemma3_text"]["num_hidden_layers"]
-    draft = save_random_drafter(tmp_path / "draft", drafter_config(layers, block_size=4))
+    script = load_script("gpu/graph_ab.py")
+    model, draft = save_pair(tmp_path, 4)
     out = tmp_path / "ab.json"
     script.main(["--model", str(model), "--draft", str(draft), "--n", "3", "--tokens", "12",
                  "--width", "4", "--json", str(out)])

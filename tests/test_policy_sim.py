@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from tiny import load_script
 
 from mlx_engine.policy import Acceptance, AdaptiveWidth, RoundCosts
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "policy_sim.py"
 COSTS = {1: 1.0, 2: 1.4, 4: 1.4, 8: 1.5, 16: 1.9}
 
 
 @pytest.fixture(scope="module")
 def sim():
-    spec = importlib.util.spec_from_file_location("policy_sim", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("policy_sim.py")
 
 
 def _simulate(sim, accepted: list[int], acceptance: Acceptance | None = None) -> dict:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from tiny import TARGET_CONFIGS, drafter_config, save_model_dir, save_random_drafter
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "policy_trace.py"
+from tiny import load_script, save_pair
 
 
 def test_the_trace_logs_every_round_of_the_auto_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("policy_trace", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    model = save_model_dir(tmp_path / "model")
-    layers = TARGET_CONFIGS["gemma3_text"]["num_hidden_layers"]
-    draft = save_random_drafter(tmp_path / "draft", drafter_config(layers, block_size=4))
+    script = load_script("policy_trace.py")
+    model, draft = save_pair(tmp_path, 4)
     out = tmp_path / "trace.json"
     script.main(["--model", str(model), "--draft", str(draft), "--workload", "overgen",
                  "--n", "2", "--max-tokens", "40", "--json", str(out)])

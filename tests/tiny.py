@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import mlx.core as mx
@@ -132,3 +134,20 @@ def _word(i: int) -> str:
 def words(tokens: list[int]) -> str:
     """Text that the tiny tokenizer encodes back to `tokens`."""
     return " ".join(_word(t) for t in tokens)
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository's `scripts/` folder, imported as a module (`relative` to it)."""
+    path = Path(__file__).parents[1] / "scripts" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_pair(root: Path, block_size: int) -> tuple[Path, Path]:
+    """A tiny gemma3 target dir and a random drafter dir for it, for the scripts' CLIs."""
+    model = save_model_dir(root / "model")
+    layers = TARGET_CONFIGS["gemma3_text"]["num_hidden_layers"]
+    draft = save_random_drafter(root / "draft", drafter_config(layers, block_size=block_size))
+    return model, draft
