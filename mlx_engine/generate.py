@@ -8,6 +8,7 @@ speedup and whether the two outputs are token-identical.
 from __future__ import annotations
 
 import argparse
+import secrets
 import shlex
 import sys
 import time
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: a random one, printed)")
     p.add_argument("--ignore-eos", action="store_true", help="decode the full --max-tokens")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="verifier dtype (default: as stored; offline model fp32 on CPU)")
@@ -72,6 +74,10 @@ def _options(args: argparse.Namespace) -> RunOptions:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, not {args.max_tokens}")
     sampling = SamplingParams(args.temp, args.top_p, args.top_k)
+    if not sampling.greedy and args.seed is None:  # a fresh sample each run, as mlx-lm's CLI
+        args.seed = secrets.randbelow(2**32)  # in args: the evidence's params record it
+        print(f"sampling with seed {args.seed} (--seed {args.seed} draws this sample again)",
+              file=sys.stderr)
     return RunOptions(max_tokens=args.max_tokens, sampling=sampling, seed=args.seed,
                       ignore_eos=args.ignore_eos, block_size=args.block_size, graph=args.graph,
                       profile=args.profile)

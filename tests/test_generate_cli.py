@@ -63,6 +63,20 @@ def test_adaptive_width_records_its_calibration(pair, tmp_path, capsys):
     assert "speedup vs AR" in capsys.readouterr().err
 
 
+def test_sampling_without_a_seed_draws_one_and_says_which(pair, tmp_path, capsys):
+    """Each sampled run without --seed is a fresh sample (both arms the same one: lossless),
+    its seed printed and in the evidence; that seed draws the same tokens again."""
+    runs = [_run_both(pair, tmp_path, "--block-size", "4", "--temp", "0.9") for _ in range(2)]
+    seeds = [r["params"]["seed"] for r in runs]
+    assert seeds[0] != seeds[1] and all(isinstance(s, int) for s in seeds)
+    assert f"--seed {seeds[1]} draws this sample again" in capsys.readouterr().err
+    again = _run_both(pair, tmp_path, "--block-size", "4", "--temp", "0.9", "--seed",
+                      str(seeds[1]))
+    assert again["params"]["seed"] == seeds[1]
+    assert again["samples"][0]["output_sha256"] == runs[1]["samples"][0]["output_sha256"]
+    assert runs[0]["samples"][0]["output_sha256"] != runs[1]["samples"][0]["output_sha256"]
+
+
 def test_ar_mode_needs_no_drafter(pair, tmp_path):
     model, _ = pair
     out = tmp_path / "ar.json"
