@@ -131,6 +131,22 @@ def test_top_k_and_top_p_restrict_the_support():
     assert top_p[0] > 0 and top_p[1] > 0 and all(p == 0 for p in top_p[2:])
 
 
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_keeps_the_smallest_most_likely_set_reaching_its_mass(top_p):
+    """Against a numpy reference on rows of shuffled logits: tokens by falling probability,
+    each kept while the mass before it is below top_p."""
+    logits = mx.random.normal((6, 500), key=mx.random.key(3)) * 2
+    kept = probs(logits, SamplingParams(temp=0.8, top_p=top_p)) > 0
+    p = np.array(mx.softmax(logits / 0.8, axis=-1))
+    for row, want_row in zip(np.array(kept), p, strict=True):
+        order = np.argsort(-want_row)
+        before = np.cumsum(want_row[order]) - want_row[order]
+        want = np.zeros_like(row)
+        want[order[before < top_p]] = True
+        assert (row == want).all()
+        assert 1 <= row.sum() < 500
+
+
 class CountingGreedy(Sampler):
     """Greedy, counting who asks it for what."""
 
