@@ -17,6 +17,7 @@ from pathlib import Path
 from . import blas, evidence
 from .engine import DTYPES, Engine, RunOptions, RunResult
 from .errors import UserError, cli_entry
+from .policy import RoundCosts
 from .sampling import SamplingParams
 from .sources import DEFAULT
 from .speculative import GRAPH_MODES
@@ -83,15 +84,14 @@ def _options(args: argparse.Namespace) -> RunOptions:
                       profile=args.profile)
 
 
-def _report(mode: str, prompt_len: int, result: RunResult, engine: Engine,
-            opts: RunOptions) -> str:
+def _report(mode: str, prompt_len: int, result: RunResult, costs: RoundCosts | None) -> str:
+    """One run's line; `costs`: the width policy's round costs, if it measured any."""
     s = result.stats
     line = (f"[{mode}] prompt {prompt_len} tok, prefill {s.prefill_tok_s:.1f} tok/s | decode "
             f"{len(result.tokens)} tok, {s.decode_tok_s:.2f} tok/s | peak "
             f"{s.peak_memory_gb:.2f} GB")
     if mode == "fused":
         line += f" | {s.blocks} blocks, tau {s.mean_accept_len:.2f}"
-        costs = engine.round_costs.get(opts.sampling.kind)
         if s.blocks and costs is not None:
             width = round(sum(s.widths) / s.blocks)
             line += f", mean width {width} = {costs.in_ar_steps(width):.2f} AR steps"
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "both":
         results["ar"] = engine.run("ar", prompt, opts)
 
+    costs = engine.round_costs.get(opts.sampling.kind)  # timed at warm-up or first use
     for mode, result in results.items():
-        print(_report(mode, len(prompt), result, engine, opts), file=sys.stderr)
+        print(_report(mode, len(prompt), result, costs), file=sys.stderr)
     if args.mode == "both":
         ar, fused = results["ar"], results["fused"]
         speedup = fused.stats.decode_tok_s / max(ar.stats.decode_tok_s, 1e-9)
@@ -144,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
                                         results.get("ar"), results.get("fused"))
         params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         params["timing"] = evidence.TIMING
-        costs = engine.round_costs.get(opts.sampling.kind)
         if costs is not None and args.block_size is None:
             params["round_cost_s"] = costs.measured_json()
         record = evidence.build_record(engine, params, [sample], block_size,
