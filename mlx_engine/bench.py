@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.warmup()
     if fixed is None:
-        params["round_cost_s"] = engine.round_costs[bench.base.sampling.kind].measured_json()
+        params["round_cost_s"] = engine.costs(bench.base).measured_json()
 
     samples: list[dict[str, Any]] = []
     bar = _progress(list(zip(prompts, ids, strict=True)), args.workload)

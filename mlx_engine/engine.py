@@ -119,10 +119,11 @@ class Engine:
                  draft_vocab: mx.array | None = None):
         self.verifier, self.tokenizer, self.model_info = verifier, tokenizer, model_info
         self.drafter, self.drafter_info = drafter, drafter_info
-        # what the adaptive policy learned, by sampling kind (a sampled round costs more
-        # than a greedy one, and accepts less): round costs measured by `calibrate` (warm-up)
-        # and the acceptance earlier sequences saw
-        self.round_costs: dict[str, RoundCosts] = {}
+        # what the adaptive policy learned: round costs measured by `calibrate` (warm-up),
+        # by sampling kind (a sampled row costs its noise and filters) and graph mode (which
+        # moves where the host waits), and the acceptance earlier sequences of a sampling
+        # kind saw (a sampled round accepts less; the graph mode drafts the same)
+        self.round_costs: dict[tuple[str, GraphMode], RoundCosts] = {}
         self.acceptance: dict[str, Acceptance] = {}
         self.draft_head = None
         if drafter is not None:
@@ -194,9 +195,8 @@ class Engine:
         run)."""
         block_size = opts.block_size
         if block_size is None:
-            kind = opts.sampling.kind
-            costs = self.round_costs.get(kind) or self.calibrate(opts.graph, opts.sampling)
-            acceptance = self.learned_acceptance(kind)
+            costs = self.costs(opts) or self.calibrate(opts.graph, opts.sampling)
+            acceptance = self.learned_acceptance(opts.sampling.kind)
             if not learn:
                 costs, acceptance = copy.deepcopy((costs, acceptance))
             return AdaptiveWidth(costs, self.block_size(None), acceptance)
@@ -210,6 +210,11 @@ class Engine:
                             f"(a policy that never drafts in the shadow can inherit "
                             f"mlx_engine.policy.NeverShadows)")
         return block_size
+
+    def costs(self, opts: RunOptions) -> RoundCosts | None:
+        """The round costs runs with `opts`'s sampling kind and graph mode go by, once timed
+        (at warm-up or on first use)."""
+        return self.round_costs.get((opts.sampling.kind, opts.graph))
 
     def learned_acceptance(self, kind: str) -> Acceptance:
         """The acceptance earlier sequences of a sampling kind saw (a new engine's counts for
@@ -319,7 +324,7 @@ class Engine:
         start = time.perf_counter()
         while not rounds or time.perf_counter() - start < CALIBRATION_SECONDS:
             rounds += self._calibration_pass(graph, sampling)
-        self.round_costs[sampling.kind] = costs = RoundCosts.from_rounds(rounds)
+        self.round_costs[sampling.kind, graph] = costs = RoundCosts.from_rounds(rounds)
         return costs
 
     def _calibration_pass(self, graph: GraphMode,

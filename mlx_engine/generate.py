@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "both":
         results["ar"] = engine.run("ar", prompt, opts)
 
-    costs = engine.round_costs.get(opts.sampling.kind)  # timed at warm-up or first use
+    costs = engine.costs(opts)
     for mode, result in results.items():
         print(_report(mode, len(prompt), result, costs), file=sys.stderr)
     if args.mode == "both":

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.warmup(RunOptions(graph=args.graph))
     engine_module.AdaptiveWidth = TracedWidth
     fixed = engine.block_size(None)
-    costs = engine.round_costs["greedy"]
+    costs = engine.costs(RunOptions(graph=args.graph))
     report: dict[str, Any] = {"round_cost_s": costs.measured_json(), "prompts": []}
     for prompt in workloads.load(args.workload)[: args.n]:
         ids = workloads.encode(engine, prompt)

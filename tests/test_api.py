@@ -212,6 +212,25 @@ def test_generate_cli_prints_the_streamed_text(engine, tmp_path: Path, capsys):
     assert out == _text(engine, _cold_ar(engine, ids, 16).tokens) + "\n"
 
 
+def test_each_graph_mode_runs_on_round_costs_timed_in_it(engine, monkeypatch):
+    """Where the host waits differs between graph modes, so does what a round costs: an
+    engine used in both times each mode once and keeps the two apart."""
+    monkeypatch.setattr(engine_module, "CALIBRATION_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "round_costs", {})
+    timed, calibrate = [], engine.calibrate
+
+    def counted(graph, sampling):
+        timed.append(graph)
+        return calibrate(graph, sampling)
+
+    monkeypatch.setattr(engine, "calibrate", counted)
+    two_phase, single = RunOptions(graph="two-phase"), RunOptions(graph="single")
+    for opts in (two_phase, single, two_phase, single):
+        assert engine.policy(opts).costs is engine.costs(opts)
+    assert timed == ["two-phase", "single"]
+    assert engine.costs(two_phase) is not engine.costs(single)
+
+
 def test_a_seeded_sample_is_ars_under_the_adaptive_policy(engine):
     """The adaptive policy's widths follow measured time; a seeded sample does not: it is
     the AR sample of that seed, every time, and its round costs are measured apart."""
@@ -220,5 +239,5 @@ def test_a_seeded_sample_is_ars_under_the_adaptive_policy(engine):
     opts = RunOptions(24, sampling=SamplingParams(temp=1.0), seed=3, ignore_eos=True)
     ar = engine.run("ar", PROMPT, opts).tokens
     assert all(engine.run("fused", PROMPT, opts).tokens == ar for _ in range(3))
-    assert "sampled" in engine.round_costs
+    assert engine.costs(opts) is not None
     assert engine.run("ar", PROMPT, RunOptions(24, ignore_eos=True)).tokens != ar

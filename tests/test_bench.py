@@ -213,7 +213,7 @@ def test_calibration_pools_passes_until_its_minimum_time(pair, monkeypatch):
     costs = engine.calibrate()
     assert time.perf_counter() - start >= floor and len(passes) >= 2
     pooled = RoundCosts.from_rounds([r for rounds in passes for r in rounds])
-    assert costs.measured == pooled.measured and engine.round_costs["greedy"] is costs
+    assert costs.measured == pooled.measured and engine.costs(RunOptions()) is costs
 
 
 def test_stop_strings_end_every_arm_at_the_same_token(pair):
