@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -137,11 +138,16 @@ def words(tokens: list[int]) -> str:
 
 
 def load_script(relative: str) -> ModuleType:
-    """A script of the repository's `scripts/` folder, imported as a module (`relative` to it)."""
+    """A script of the repository's `scripts/` folder, imported as a module (`relative` to it)
+    with its own folder on the import path, as `python scripts/...` runs it."""
     path = Path(__file__).parents[1] / "scripts" / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
-import mlx_engine  # noqa: F401  (before mlx: the CPU build's BLAS set-up)
+from timing import median_ms
+
 from mlx_engine import workloads
 from mlx_engine.engine import Engine, RunOptions
 from mlx_engine.evidence import code_version
@@ -54,15 +54,6 @@ def paired(engine: Engine, ids: list[list[int]], width: int, tokens: int,
     } for m in modes}
     summary["ar_step_ms"] = 1000 * statistics.median(1 / r["ar"]["tok_s"] for r in rows)
     return {"summary": summary, "prompts": rows}
-
-
-def median_ms(fn, n: int = 30) -> float:
-    times = []
-    for _ in range(n + 3):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times[3:])
 
 
 def anatomy(engine: Engine, prompt: list[int], width: int) -> dict:

@@ -2,7 +2,7 @@
 
 Run on the lent machine after `lease.sh bench` has installed MLX and converted the verifier:
 
-    PYTHONPATH=/tmp/mlx-site:$PWD:... CUDA_VISIBLE_DEVICES=0 python3 scripts/gpu/profile_forward.py
+    PYTHONPATH=/tmp/mlx-site:$PWD:... python3 scripts/gpu/profile_forward.py [MODEL]
 
 Prints, for the converted float32 Gemma 3 270M on a 300-token cache: a forward of L rows timed
 as building the lazy graph and evaluating it; the same forward's body and head separately;
@@ -13,41 +13,14 @@ Medians of repeated timings; each bare eval includes MLX's fixed per-eval cost.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
-from collections.abc import Callable
 
-import mlx.core as mx
-from mlx_lm import load
+from timing import eval_ms, median_ms, mx
 
 from mlx_engine.verifier import Verifier
 
-MODEL = sys.argv[1] if len(sys.argv) > 1 else "/tmp/g3-f32"
 TAPS = [1, 6, 10, 15]
-
-
-def median_ms(fn: Callable[[], object], n: int = 30, warmup: int = 5) -> float:
-    times = []
-    for i in range(n + warmup):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2] * 1e3
-
-
-def eval_ms(make: Callable[[], mx.array], n: int = 30) -> float:
-    """Median time of evaluating what `make` builds (the build itself not timed)."""
-
-    def run() -> float:
-        out = make()
-        start = time.perf_counter()
-        mx.eval(out)
-        return time.perf_counter() - start
-
-    for _ in range(5):
-        run()
-    return sorted(run() for _ in range(n))[n // 2] * 1e3
 
 
 def forward_row(verifier: Verifier, cache: list, length: int) -> str:
@@ -141,7 +114,11 @@ def kernels() -> None:
 
 
 def main() -> None:
-    model, _ = load(MODEL)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default="/tmp/g3-f32", help="mlx-lm Gemma 3 270M dir")
+    from mlx_lm import load  # after timing's mlx_engine: the CPU build's BLAS set-up
+
+    model, _ = load(p.parse_args().model)
     model.set_dtype(mx.float32)
     verifier = Verifier(model, TAPS)
     cache = verifier.make_cache()
