@@ -41,7 +41,8 @@ from .workloads import DIR as WORKLOADS_DIR
 README_EXAMPLE = WORKLOADS_DIR / "example_prompt.py"
 README_KIND = "readme"
 README_MAX_TOKENS = 128  # the README's command
-DEFAULT_KINDS = ("function_body", "long", "chat", "prose", "short", "snippet", README_KIND)
+DEFAULT_KINDS = ("function_body", "long", "chat", "prose", "short", "snippet", "tail",
+                 README_KIND)
 # A kind's prompts are drawn with `--seed` + its place here, whatever else runs beside it, so
 # kinds split over several processes get the prompts one run of them all would.
 SEED_ORDER = (*DEFAULT_KINDS, *(k for k in KINDS if k not in DEFAULT_KINDS))

@@ -46,6 +46,7 @@ from mlx_engine.training.kinds import (
     SENTENCE_END,
     chat_summary,
     docstrings,
+    last_guard,
     short_spot,
 )
 from mlx_engine.workloads import Prompt
@@ -103,10 +104,10 @@ def natural_candidates(files: list[Path]) -> list[Prompt]:
     out = []
     for path in files:
         lines = _lines(path)
-        guards = [i for i, line in enumerate(lines) if line.startswith("if __name__")]
-        if not guards:
+        guard = last_guard(lines)
+        if guard is None:
             continue
-        for cut in (guards[-1] + 1, guards[-1]):
+        for cut in (guard + 1, guard):
             text = _tail("".join(lines[:cut]), NATURAL_CHARS)
             out.append(Prompt(f"natural-{len(out):02d}", text, f"{_relpath(path)}:{cut + 1}"))
     return out

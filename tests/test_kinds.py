@@ -98,6 +98,39 @@ def test_snippets_are_small_modules_that_end_at_a_documented_functions_body(file
     assert KINDS["snippet"].max_tokens == 128 and not KINDS["snippet"].stop  # the README's
 
 
+GUARDED = MODULE + '''
+
+if __name__ == "__main__":
+    print(add_numbers(1, 2))
+'''
+
+
+def test_tails_are_answered_by_the_end_of_their_file(tmp_path: Path):
+    """After a module's `__main__` guard line, or where a function that closes the file
+    starts its body: nothing but the answer follows in the file."""
+    closing, guarded = tmp_path / "closing.py", tmp_path / "guarded.py"
+    body = "    y = x\n    y += 1\n    return y\n"  # long enough to be a body start
+    closing.write_text(MODULE.replace("    return x\n", body))
+    guarded.write_text(GUARDED)
+    ends = {}
+    for path in (closing, guarded):
+        lines = path.read_text().splitlines(True)
+        for cut in Source(path).tail_cuts:
+            ends["".join(lines[cut:])] = path.name
+    assert ends == {body: "closing.py",
+                    "    print(add_numbers(1, 2))\n": "guarded.py"}
+    prompts = [text(p) for p in sample_prompts(KINDS["tail"], [closing, guarded], chars, 20,
+                                               random.Random(0), 1)]
+    assert {p.endswith('"""Not a public helper, so never a chat request."""\n')
+            or p.endswith('if __name__ == "__main__":\n') for p in prompts} == {True}
+    assert len(set(prompts)) > 2  # cut to several lengths
+
+
+def test_a_file_that_goes_on_after_its_last_function_has_no_closing_tail(files):
+    assert Source(files[0]).tail_cuts == []  # `_private` is too short to be a body start
+    assert "tail" in parse_mix("tail=1")
+
+
 class CharTokenizer:
     """Just what the mixing recipe asks of a tokenizer: one id per character."""
 

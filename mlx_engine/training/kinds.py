@@ -1,14 +1,14 @@
 """Prompt kinds: what use looks like, cut from offline text (the stdlib's sources and docstrings).
 
 A drafter trained on one prompt shape narrows to it (high tau on that shape, far lower on
-anything else), so training mixes several kinds, each cut the way its use
-looks: code completion at a function body, long prompts past the verifier's 512-token sliding
-window, chat requests in Gemma's turn format, prose (docstrings), short inline completions,
-small modules that end at a documented function's body (the README example's shape), and
-plain excerpts. The same cutters serve training (train files) and evaluation (held-out
-files), so a kind's held-out prompts are the training prompts' twins from files never trained
-on. A kind also says how its use stops (stop strings besides EOS, an answer cap): the
-evaluation runs it that way.
+anything else), so training mixes several kinds, each cut the way its use looks: code
+completion at a function body, long prompts past the verifier's 512-token sliding window,
+chat requests in Gemma's turn format, prose (docstrings), short inline completions, small
+modules that end at a documented function's body (the README example's shape), file tails
+whose answer ends the file (the verifier's EOS included), and plain excerpts. The same
+cutters serve training (train files) and evaluation (held-out files), so a kind's held-out
+prompts are the training prompts' twins from files never trained on. A kind also says how
+its use stops (stop strings besides EOS, an answer cap): the evaluation runs it that way.
 """
 
 from __future__ import annotations
@@ -61,6 +61,15 @@ class Source:
     def short_spots(self) -> list[tuple[int, int]]:
         return [(i, col) for i, line in enumerate(self.lines)
                 if (col := short_spot(line)) is not None]
+
+    @cached_property
+    def tail_cuts(self) -> list[int]:
+        """Where the answer runs to the end of the file: after the line of its last `if
+        __name__` guard, and where the body of a function that closes the file starts."""
+        guard = last_guard(self.lines)
+        top = [i for i, line in enumerate(self.lines) if line[:1].strip() and line[0] != "#"]
+        closing = [i for i in self.body_starts if top and i > top[-1]]
+        return ([] if guard is None else [guard + 1]) + closing[:1]
 
     @cached_property
     def docstrings(self) -> list[tuple[str, str, str]]:
@@ -119,6 +128,12 @@ def docstrings(text: str) -> list[tuple[str, str, str]]:
             if (doc := ast.get_docstring(n)) is not None]
 
 
+def last_guard(lines: Sequence[str]) -> int | None:
+    """The line of a module's last `if __name__` guard: most of what follows ends the file."""
+    return next((i for i in reversed(range(len(lines)))
+                 if lines[i].startswith("if __name__")), None)
+
+
 def short_spot(line: str) -> int | None:
     """Where to cut a line of code for an inline completion: after its first cut mark."""
     code = line.strip()
@@ -165,6 +180,11 @@ def _excerpt(src: Source, rng: random.Random, chars: int) -> str | None:
 def _function_body(src: Source, rng: random.Random, chars: int) -> str | None:
     starts = src.body_starts
     return text_before(src.lines, rng.choice(starts), chars) if starts else None
+
+
+def _tail(src: Source, rng: random.Random, chars: int) -> str | None:
+    cuts = src.tail_cuts
+    return text_before(src.lines, rng.choice(cuts), chars) if cuts else None
 
 
 def _inline(src: Source, rng: random.Random, chars: int) -> str | None:
@@ -246,6 +266,7 @@ KINDS = {k.name: k for k in (
     Kind("prose", _prose, (32, 64, 96, 128)),
     Kind("short", _inline, (64, 128, 256), stop=("\n",), max_tokens=32),
     Kind("snippet", _snippet, (), max_tokens=128),
+    Kind("tail", _tail, CODE_LENGTHS, max_tokens=64),
 )}
 
 

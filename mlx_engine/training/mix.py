@@ -18,7 +18,7 @@ from ..errors import UserError
 from .data import HELD_OUT_PERCENT, TokenCache, find_mask_token, split_files, stdlib_root
 from .kinds import KINDS, Source, code_lengths, sample_prompts
 
-CODE_KINDS = ("excerpt", "function_body")  # cut to --min/--max-prompt-tokens
+CODE_KINDS = ("excerpt", "function_body", "tail")  # cut to --min/--max-prompt-tokens
 
 
 def parse_mix(text: str) -> dict[str, float]:

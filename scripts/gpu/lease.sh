@@ -49,7 +49,7 @@
 # 4: mlx-lm's 4-bit quantization of it, group 64; gguf: the GGUF's own quantized blocks, kept by
 # `convert_gguf --keep-quantization`), EVAL_DRAFTERS (default,/tmp/kakeya-run/drafter), EVAL_KINDS
 # (comma-separated groups of space-separated kinds, one process each; default: "function_body
-# long snippet readme,chat prose short"), EVAL_N (16 prompts per kind), EVAL_LIMIT (3600).
+# long snippet readme,chat prose short tail"), EVAL_N (16 prompts per kind), EVAL_LIMIT (3600).
 # Flags and env settings name the evidence files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -240,7 +240,7 @@ eval_drafters() {  # device: per-kind engine tau (eval_drafter), every job at on
     mlx_setup
     mkdir -p "$res"
     IFS=, read -ra drafters <<< "${EVAL_DRAFTERS:-default,$RUN/drafter}"
-    IFS=, read -ra groups <<< "${EVAL_KINDS:-function_body long snippet readme,chat prose short}"
+    IFS=, read -ra groups <<< "${EVAL_KINDS:-function_body long snippet readme,chat prose short tail}"
     gpus=$(nvidia-smi -L | wc -l)
     for d in "${drafters[@]}"; do
         for g in "${groups[@]}"; do
