@@ -108,17 +108,20 @@ if __name__ == "__main__":
 def test_tails_are_answered_by_the_end_of_their_file(tmp_path: Path):
     """After a module's `__main__` guard line, or where a function that closes the file
     starts its body: nothing but the answer follows in the file."""
-    closing, guarded = tmp_path / "closing.py", tmp_path / "guarded.py"
+    closing, guarded, method = (tmp_path / f"{n}.py" for n in ("closing", "guarded", "method"))
     body = "    y = x\n    y += 1\n    return y\n"  # long enough to be a body start
     closing.write_text(MODULE.replace("    return x\n", body))
     guarded.write_text(GUARDED)
+    last = "        y = self.x\n        # a comment\n        y += 1\n        return y\n"
+    first = body.replace("    ", "        ")  # a method's body, not the file's last
+    method.write_text(f"class C:\n    def a(self):\n{first}\n    def b(self):\n{last}")
     ends = {}
-    for path in (closing, guarded):
+    for path in (closing, guarded, method):
         lines = path.read_text().splitlines(True)
         for cut in Source(path).tail_cuts:
             ends["".join(lines[cut:])] = path.name
-    assert ends == {body: "closing.py",
-                    "    print(add_numbers(1, 2))\n": "guarded.py"}
+    assert ends == {body: "closing.py", "    print(add_numbers(1, 2))\n": "guarded.py",
+                    last: "method.py"}
     prompts = [text(p) for p in sample_prompts(KINDS["tail"], [closing, guarded], chars, 20,
                                                random.Random(0), 1)]
     assert {p.endswith('"""Not a public helper, so never a chat request."""\n')

@@ -65,11 +65,11 @@ class Source:
     @cached_property
     def tail_cuts(self) -> list[int]:
         """Where the answer runs to the end of the file: after the line of its last `if
-        __name__` guard, and where the body of a function that closes the file starts."""
+        __name__` guard, and where the body of a function (or method) that closes the file
+        starts."""
         guard = last_guard(self.lines)
-        top = [i for i, line in enumerate(self.lines) if line[:1].strip() and line[0] != "#"]
-        closing = [i for i in self.body_starts if top and i > top[-1]]
-        return ([] if guard is None else [guard + 1]) + closing[:1]
+        closing = [i for i in self.body_starts[-1:] if runs_to_the_end(self.lines, i)]
+        return ([] if guard is None else [guard + 1]) + closing
 
     @cached_property
     def docstrings(self) -> list[tuple[str, str, str]]:
@@ -132,6 +132,14 @@ def last_guard(lines: Sequence[str]) -> int | None:
     """The line of a module's last `if __name__` guard: most of what follows ends the file."""
     return next((i for i in reversed(range(len(lines)))
                  if lines[i].startswith("if __name__")), None)
+
+
+def runs_to_the_end(lines: Sequence[str], start: int) -> bool:
+    """The block whose first line is `start` ends with the file: no later line of code is
+    indented less than its first."""
+    code = [line for line in lines[start:] if line.strip() and not line.lstrip().startswith("#")]
+    indents = [len(line) - len(line.lstrip()) for line in code]
+    return bool(code) and min(indents) >= indents[0]
 
 
 def short_spot(line: str) -> int | None:
