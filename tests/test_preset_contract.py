@@ -1,4 +1,5 @@
-"""Every shipped preset renders to an argv that its target CLI's own parser accepts.
+"""Every shipped preset renders to an argv that its target CLI's own parser accepts, and the
+README's first command runs as a preset here as it would on the Mac.
 
 The presets are written against the engine's CLIs; a renamed or dropped flag must fail here,
 on Linux, not on the Mac after a push.
@@ -7,6 +8,8 @@ on Linux, not on the Mac after a push.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +43,20 @@ def test_preset_argv_parses_with_its_cli(name, tmp_path, monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "error", lambda self, message: fail(message))
     parser.parse_args(argv[3:])
+
+
+@pytest.mark.slow
+def test_the_readme_first_command_preset_runs_here_and_passes_its_gate(tmp_path, monkeypatch):
+    """The preset a Mac runs for a new user's first command, run here through the bridge's own
+    local path: its prompt file resolves in the checkout, the offline pair loads, and the gate
+    reads the evidence it writes."""
+    from bridge import cli
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    run = tmp_path / "run"
+    assert cli.main(["local", "readme-first-command", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "passed" and summary["gate"]["passed"]
+    evidence = json.loads((run / "artifacts" / "evidence.json").read_text())
+    assert evidence["aggregate"]["lossless_all"] is True
+    assert evidence["params"]["max_tokens"] == 128 and evidence["drafter"]["id"] == "default"

@@ -23,7 +23,8 @@ from bridge.presets import (
 from bridge.safety import Rejected, unsafe_reason
 
 SHIPPED = {"bridge-selftest", "bench-code", "bench-natural", "bench-overgen", "bench-sampled",
-           "ar-baseline", "drafter-parity", "graph-mode-probe", "server-throughput"}
+           "bench-workload", "readme-first-command", "ar-baseline", "drafter-parity",
+           "graph-mode-probe", "server-throughput"}
 
 
 def test_shipped_presets_load_and_render_with_the_offline_pair(hermetic):
