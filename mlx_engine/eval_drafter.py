@@ -44,8 +44,10 @@ README_MAX_TOKENS = 128  # the README's command
 DEFAULT_KINDS = ("function_body", "long", "chat", "prose", "short", "snippet", "tail",
                  README_KIND)
 # A kind's prompts are drawn with `--seed` + its place here, whatever else runs beside it, so
-# kinds split over several processes get the prompts one run of them all would.
-SEED_ORDER = (*DEFAULT_KINDS, *(k for k in KINDS if k not in DEFAULT_KINDS))
+# kinds split over several processes get the prompts one run of them all would, and earlier
+# runs' (a new kind goes last).
+SEED_ORDER = ("function_body", "long", "chat", "prose", "short", "snippet", README_KIND,
+              "excerpt", "tail")
 
 
 def build_parser() -> argparse.ArgumentParser:

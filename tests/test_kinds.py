@@ -134,6 +134,13 @@ def test_a_file_that_goes_on_after_its_last_function_has_no_closing_tail(files):
     assert "tail" in parse_mix("tail=1")
 
 
+def test_every_kind_has_a_place_in_the_evaluations_seed_order():
+    from mlx_engine.eval_drafter import DEFAULT_KINDS, README_KIND, SEED_ORDER
+
+    assert sorted(SEED_ORDER) == sorted([*KINDS, README_KIND])
+    assert set(DEFAULT_KINDS) <= set(SEED_ORDER)
+
+
 class CharTokenizer:
     """Just what the mixing recipe asks of a tokenizer: one id per character."""
 
