@@ -12,6 +12,12 @@ policy and its shadow drafts work as under greedy decoding. Against Leviathan et
 rejection sampling, which keeps the target's distribution but not AR's sample, a draft is
 accepted slightly less often: the shared noise couples the drafter's sample with the target's
 less tightly than a maximal coupling does (docs/design.md).
+
+Top-p is defined by a sort of the whole row (`filtered`), which on a CPU costs four times the
+rest of a sampled row. So rows are chosen by `top_p_choice`, which sorts only the most likely
+candidates and otherwise tests the noisy argmax itself; a row it cannot settle that way (rare)
+is marked unsure, and the loops choose it again by the sort (`Sampler.settled`) before they
+commit it. Either way a row gets the sort's token.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import UserError
+
+TOP_CANDIDATES = 1024  # sorted by `top_p_choice`: most top-p sets at temperature <= 1 fit
+CHAIN = 2  # noisy argmaxes `top_p_choice` tests when the set is larger
 
 
 @dataclass(frozen=True)
@@ -63,15 +72,66 @@ def filtered(logits: mx.array, params: SamplingParams) -> mx.array:
     return scores
 
 
+def top_p_choice(scores: mx.array, noise: mx.array, top_p: float,
+                 candidates: int = TOP_CANDIDATES,
+                 chain: int = CHAIN) -> tuple[mx.array, mx.array]:
+    """(argmax of scores + noise over the top-p set, sure) per row, without sorting the row.
+
+    The set is every token at least as likely as its least likely member. If the `candidates`
+    most likely tokens reach `top_p`, sorting them finds that member as the full sort does
+    (same values, same running sums). A larger set holds at least `top_p` of the mass, so the
+    noisy argmax over all tokens is likely in it: it is if the tokens more likely than it
+    weigh less than `top_p` (one masked sum), and then it is the answer. If not, every token
+    as unlikely is out too, and the argmax over the more likely ones is tested next, up to
+    `chain` times. A row neither route settles is not `sure`."""
+    z = scores + noise
+    p = mx.softmax(scores, axis=-1)
+    k = min(candidates, p.shape[-1])
+    top = -mx.sort(-mx.topk(p, k, axis=-1), axis=-1)
+    kept = ((mx.cumsum(top, axis=-1) - top) < top_p).sum(-1, keepdims=True)
+    least = mx.take_along_axis(top, kept - 1, axis=-1)
+    tokens = mx.argmax(mx.where(p >= least, z, -mx.inf), axis=-1)
+    sure = (kept[..., 0] < k) | (k == p.shape[-1])
+    floor = mx.full(least.shape, -1.0)
+    for _ in range(chain):
+        best = mx.argmax(mx.where(p > floor, z, -mx.inf), axis=-1, keepdims=True)
+        p_best = mx.take_along_axis(p, best, axis=-1)
+        in_set = mx.where(p > p_best, p, 0).sum(-1, keepdims=True) < top_p
+        tokens = mx.where(~sure & in_set[..., 0], best[..., 0], tokens)
+        sure = sure | in_set[..., 0]
+        floor = mx.where(in_set, floor, p_best)
+    return tokens, sure
+
+
+@dataclass
+class Choice:
+    """Tokens chosen in-graph for rows of logits, and which rows a fast filter is `sure` of
+    (None: all); `Sampler.settled` chooses the others again from the kept logits."""
+
+    tokens: mx.array  # [rows]
+    logits: mx.array  # [rows, V]
+    position: int  # the first row's
+    sure: mx.array | None = None  # [rows] bool
+
+    def arrays(self) -> list[mx.array]:
+        """What to queue for evaluation."""
+        return [self.tokens] if self.sure is None else [self.tokens, self.sure]
+
+    def unsure_through(self, row: mx.array) -> mx.array | None:
+        """Whether a row up to `row` (in-graph) is unsure; None if all rows are sure."""
+        if self.sure is None:
+            return None
+        return (~self.sure & (mx.arange(self.sure.shape[0]) <= row)).any()
+
+
 def probs(logits: mx.array, params: SamplingParams) -> mx.array:
     """The sampling distribution over the last axis after temperature, top-k and top-p."""
     return mx.softmax(filtered(logits, params), axis=-1)
 
 
-def greedy_accept(drafts: mx.array, target_scores: mx.array) -> tuple[mx.array, mx.array]:
-    """drafts [B-1], target_scores [B, V] -> (accepted count, emitted [B]): the longest run
-    of drafts equal to the target's argmax, then the target's own token (rest is padding)."""
-    target = mx.argmax(target_scores, axis=-1)
+def accept_drafts(drafts: mx.array, target: mx.array) -> tuple[mx.array, mx.array]:
+    """drafts [B-1], the target's tokens [B] -> (accepted count, emitted [B]): the longest
+    run of drafts equal to the target's, then the target's own token (rest is padding)."""
     accepted = mx.cumprod((drafts == target[:-1]).astype(mx.int32)).sum()
     padded = mx.concatenate([drafts, mx.zeros((1,), drafts.dtype)])
     idx = mx.arange(padded.shape[0])
@@ -81,7 +141,7 @@ def greedy_accept(drafts: mx.array, target_scores: mx.array) -> tuple[mx.array, 
 
 class Sampler:
     """Chooses tokens as the argmax of `scores`; this base scores by the logits themselves,
-    which is exactly plain greedy decoding. A sampler is one method, `scores`.
+    which is exactly plain greedy decoding.
 
     `position` is the sequence index of the token a row of logits chooses (rows after the
     first choose the next positions); `vocab_ids` maps a draft vocabulary's columns to
@@ -91,28 +151,42 @@ class Sampler:
                vocab_ids: mx.array | None = None) -> mx.array:
         return logits
 
-    def pick(self, logits: mx.array, position: int) -> mx.array:
-        """The token at `position` from target logits [V]."""
-        return mx.argmax(self.scores(logits, position), axis=-1)
+    def choose(self, logits: mx.array, position: int) -> Choice:
+        """Tokens for target logits [rows, V] whose first row chooses `position`."""
+        return Choice(mx.argmax(self.scores(logits, position), axis=-1), logits, position)
+
+    def settled(self, choice: Choice) -> mx.array:
+        """`choice`'s tokens, its unsure rows chosen again by the full filter."""
+        if choice.sure is None:
+            return choice.tokens
+        exact = mx.argmax(self.scores(choice.logits, choice.position), axis=-1)
+        return mx.where(choice.sure, choice.tokens, exact)
+
+    def read(self, choice: Choice) -> tuple[list[int], bool]:
+        """`choice`'s tokens, settled (one read, a second if a row was unsure), and whether
+        they are the tokens chosen in-graph: if not, a graph built on those is wrong."""
+        if choice.sure is None:
+            return choice.tokens.tolist(), True
+        tokens, sure = mx.stack([choice.tokens, choice.sure.astype(choice.tokens.dtype)]).tolist()
+        if all(sure):
+            return tokens, True
+        settled = self.settled(choice).tolist()
+        return settled, settled == tokens
 
     def draft(self, logits: mx.array, position: int,
               vocab_ids: mx.array | None = None) -> mx.array:
         """Draft columns [B-1] from drafter logits [B-1, V'] for positions from `position`."""
         return mx.argmax(self.scores(logits, position, vocab_ids), axis=-1)
 
-    def accept(self, drafts: mx.array, target_logits: mx.array,
-               position: int) -> tuple[mx.array, mx.array]:
-        """(accepted count, emitted [B]) for drafts [B-1] against target logits [B, V] whose
-        first row chooses `position` (the first draft's)."""
-        return greedy_accept(drafts, self.scores(target_logits, position))
-
 
 class GumbelMax(Sampler):
     """Samples with temperature / top-k / top-p as argmax of scores plus noise drawn per
     (seed, position): fused and AR decoding then sample the same tokens."""
 
-    def __init__(self, params: SamplingParams, seed: int, vocab_size: int):
+    def __init__(self, params: SamplingParams, seed: int, vocab_size: int,
+                 candidates: int = TOP_CANDIDATES, chain: int = CHAIN):
         self.params, self.seed, self.vocab_size = params, seed % 2**32, vocab_size
+        self.candidates, self.chain = candidates, chain  # `top_p_choice`'s
         self._noise: dict[int, mx.array] = {}
 
     def noise(self, position: int, rows: int) -> mx.array:
@@ -127,13 +201,40 @@ class GumbelMax(Sampler):
                 self._noise[t] = mx.random.gumbel(shape=(self.vocab_size,), key=key)
         return mx.stack([self._noise[t] for t in range(position, position + rows)])
 
+    def _noise_for(self, rows: mx.array, position: int,
+                   vocab_ids: mx.array | None) -> mx.array:
+        noise = self.noise(position, rows.shape[0])
+        return noise if vocab_ids is None else mx.take(noise, vocab_ids, axis=1)
+
     def scores(self, logits: mx.array, position: int,
                vocab_ids: mx.array | None = None) -> mx.array:
         rows = logits.reshape(-1, logits.shape[-1])
-        noise = self.noise(position, rows.shape[0])
-        if vocab_ids is not None:
-            noise = mx.take(noise, vocab_ids, axis=1)
+        noise = self._noise_for(rows, position, vocab_ids)
         return (filtered(rows, self.params) + noise).reshape(logits.shape)
+
+    def _fast(self, logits: mx.array, position: int,
+              vocab_ids: mx.array | None) -> tuple[mx.array, mx.array] | None:
+        """`top_p_choice` over the rows, or None where top-p is off (no sort to spare)."""
+        if self.params.top_p >= 1.0:
+            return None
+        rows = logits.reshape(-1, logits.shape[-1])
+        top_k_only = SamplingParams(self.params.temp, top_k=self.params.top_k)
+        tokens, sure = top_p_choice(filtered(rows, top_k_only),
+                                    self._noise_for(rows, position, vocab_ids),
+                                    self.params.top_p, self.candidates, self.chain)
+        return tokens.reshape(logits.shape[:-1]), sure.reshape(logits.shape[:-1])
+
+    def choose(self, logits: mx.array, position: int) -> Choice:
+        fast = self._fast(logits, position, None)
+        if fast is None:
+            return super().choose(logits, position)
+        return Choice(fast[0], logits, position, fast[1])
+
+    def draft(self, logits: mx.array, position: int,
+              vocab_ids: mx.array | None = None) -> mx.array:
+        """A draft needs no `sure`: the verifier checks it anyway."""
+        fast = self._fast(logits, position, vocab_ids)
+        return super().draft(logits, position, vocab_ids) if fast is None else fast[0]
 
 
 GREEDY = Sampler()

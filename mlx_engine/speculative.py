@@ -24,7 +24,7 @@ from mlx_lm.models.cache import KVCache
 
 from .policy import SHADOW_HORIZON, ShadowCheck, WidthPolicy
 from .proposer import DraftSource
-from .sampling import GREEDY, Sampler
+from .sampling import GREEDY, Choice, Sampler, accept_drafts
 from .verifier import Verifier
 
 GraphMode = Literal["two-phase", "single"]
@@ -156,7 +156,7 @@ def _prefill(
             mx.eval(source.pending())
 
     logits = verifier.prefill(mx.array([prompt[cached:]], dtype=mx.int32), cache, on_taps)
-    first = sampler.pick(logits[0, -1], len(prompt)).item()
+    (first,), _ = sampler.read(sampler.choose(logits[0, -1:], len(prompt)))
     stats.prompt_tokens, stats.cached_tokens = len(prompt), cached
     stats.prefill_s = time.perf_counter() - start
     return cache, first
@@ -181,19 +181,32 @@ def ar_stream(
     emit = _Emitter(stats, max_tokens, stop_ids)
     yield emit.take([first])
 
-    def step(token: mx.array) -> mx.array:
+    def step(token: mx.array) -> Choice:
         position = _next_position(cache)
         logits = verifier.forward(token.reshape(1, 1), cache, with_taps=False).logits
-        return sampler.pick(logits[0, -1], position)
+        choice = sampler.choose(logits[0, -1:], position)
+        mx.async_eval(*choice.arrays())
+        return choice
 
-    next_y = step(mx.array(first, dtype=mx.int32))
-    mx.async_eval(next_y)
+    next_y = step(mx.array([first], dtype=mx.int32))
     while not emit.done:
         y = next_y
-        next_y = step(y)  # queued behind y, so the device never idles on the host
-        mx.async_eval(next_y)
+        next_y = step(y.tokens)  # queued behind y, so the device never idles on the host
+        (token,), guessed = sampler.read(y)
+        if not guessed:  # the queued step went in with y's in-graph token: take it back
+            verifier.trim(cache, 1)
+            next_y = step(mx.array([token], dtype=mx.int32))
         stats.host_syncs += 1
-        yield emit.take([y.item()])
+        yield emit.take([token])
+
+
+def _read_round(accepted: mx.array, emitted: mx.array,
+                unsure: mx.array | None = None) -> list[int]:
+    """A drafted round's one read-back: [accepted count, emitted tokens..., (unsure)]."""
+    parts = [accepted[None], emitted]
+    if unsure is not None:
+        parts.append(unsure[None])
+    return mx.concatenate([a.astype(mx.int32) for a in parts]).tolist()
 
 
 class _RoundClock:
@@ -248,22 +261,26 @@ def _ar_segment(
     taps: list[mx.array] = []
     shadow: _Shadow | None = None
 
-    def step(token: mx.array) -> mx.array:
+    def step(token: mx.array) -> Choice:
         position = _next_position(cache)
         block = verifier.forward(token.reshape(1, 1), cache)
         taps.append(block.taps)
-        return sampler.pick(block.logits[0, -1], position)
+        choice = sampler.choose(block.logits[0, -1:], position)
+        mx.async_eval(*choice.arrays(), taps[-1])
+        return choice
 
-    y = step(mx.array(anchor, dtype=mx.int32))
-    mx.async_eval(y, taps[-1])
+    y = step(mx.array([anchor], dtype=mx.int32))
     try:
         while True:
             width = policy.next_width()
             after_y = _next_position(cache)  # y's input is cached: the position after y's
             if width == 1:
-                next_y = step(y)
-                mx.async_eval(next_y, taps[-1])
-            token = y.item()
+                next_y = step(y.tokens)
+            (token,), guessed = sampler.read(y)
+            if width == 1 and not guessed:  # the queued step took y's in-graph token
+                verifier.trim(cache, 1)
+                taps.pop()
+                next_y = step(mx.array([token], dtype=mx.int32))
             if shadow is not None and (outcome := shadow.see(token)) is not None:
                 policy.observe_shadow(*outcome)
                 shadow = None
@@ -332,10 +349,15 @@ def fused_stream(
         t1 = time.perf_counter()
 
         block = verifier.forward(mx.concatenate([anchor_arr, drafts])[None], cache)
-        accepted, emitted = sampler.accept(drafts, block.logits[0], position)
-        row = mx.concatenate([accepted[None].astype(mx.int32), emitted.astype(mx.int32)])
-        values = row.tolist()
+        choice = sampler.choose(block.logits[0], position)
+        accepted, emitted = accept_drafts(drafts, choice.tokens)
+        unsure = choice.unsure_through(accepted)
+        values = _read_round(accepted, emitted, unsure)
         stats.host_syncs += 1
+        if unsure is not None and values.pop():  # a row it commits was unsure: settle it
+            accepted, emitted = accept_drafts(drafts, sampler.settled(choice))
+            values = _read_round(accepted, emitted)
+            stats.host_syncs += 1
         n_acc = values[0]
         t2 = time.perf_counter()
 

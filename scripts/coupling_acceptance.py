@@ -21,7 +21,7 @@ from mlx_engine import workloads
 from mlx_engine.engine import Engine
 from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource
-from mlx_engine.sampling import GumbelMax, SamplingParams, probs
+from mlx_engine.sampling import GumbelMax, SamplingParams, accept_drafts, probs
 from mlx_engine.speculative import collect, fused_stream
 
 
@@ -30,19 +30,24 @@ class Recording(GumbelMax):
 
     def __init__(self, params: SamplingParams, seed: int, vocab_size: int, rounds: list):
         super().__init__(params, seed, vocab_size)
-        self.rounds, self.vocab_ids, self.q = rounds, None, None
+        self.rounds, self.vocab_ids, self.q, self.drafts = rounds, None, None, None
 
     def draft(self, logits, position, vocab_ids=None):
         self.q, self.vocab_ids = probs(logits, self.params), vocab_ids
-        return super().draft(logits, position, vocab_ids)
+        columns = super().draft(logits, position, vocab_ids)
+        self.drafts = columns if vocab_ids is None else vocab_ids[columns]
+        return columns
 
-    def accept(self, drafts, target_logits, position):
-        accepted, emitted = super().accept(drafts, target_logits, position)
-        q = np.zeros((self.q.shape[0], self.vocab_size))
-        columns = np.arange(self.q.shape[1]) if self.vocab_ids is None else np.array(self.vocab_ids)
-        q[:, columns] = np.array(self.q)
-        self.rounds.append((np.array(probs(target_logits, self.params)), q, accepted.item()))
-        return accepted, emitted
+    def choose(self, logits, position):
+        choice = super().choose(logits, position)
+        if logits.shape[0] > 1:  # a verified block (prefill chooses one row)
+            accepted, _ = accept_drafts(self.drafts, self.settled(choice))
+            q = np.zeros((self.q.shape[0], self.vocab_size))
+            columns = (np.arange(self.q.shape[1]) if self.vocab_ids is None
+                       else np.array(self.vocab_ids))
+            q[:, columns] = np.array(self.q)
+            self.rounds.append((np.array(probs(logits, self.params)), q, accepted.item()))
+        return choice
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """What one row of sampling work costs on this device, over a vocabulary of Gemma's size: the
-noise a sampled position draws, each sampling kind's filter, and MLX's `exp` against numpy's.
+noise a sampled position draws, each sampling kind's filter, top-p's fast route (which the loops
+take instead of the sort), and MLX's `exp` against numpy's.
 
     python scripts/sampling_costs.py [--vocab 262144] [--repeats 10]
 """
@@ -12,7 +13,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mlx_engine.sampling import GumbelMax, SamplingParams, filtered, mx  # mx after mlx_engine
+from mlx_engine.sampling import (  # mx after mlx_engine
+    GumbelMax,
+    SamplingParams,
+    filtered,
+    mx,
+    top_p_choice,
+)
 
 
 def ms_per_call(fn: Callable[[], object], repeats: int) -> float:
@@ -38,6 +45,8 @@ def main() -> None:
     for params in (SamplingParams(0.7), SamplingParams(0.7, top_k=50),
                    SamplingParams(0.7, top_p=0.95)):
         rows[f"filter, {params.kind}"] = lambda params=params: mx.eval(filtered(logits, params))
+    noise = mx.random.gumbel(shape=(1, args.vocab))
+    rows["top-p 0.95, fast route"] = lambda: mx.eval(top_p_choice(logits / 0.7, noise, 0.95))
     rows["mx.exp"] = lambda: mx.eval(mx.exp(logits))
     host = np.array(logits)
     rows["numpy exp"] = lambda: np.exp(host)

@@ -21,7 +21,7 @@ from tiny import (
 from mlx_engine.drafter import load_drafter
 from mlx_engine.policy import AdaptiveWidth, FixedWidth, RoundCosts
 from mlx_engine.proposer import DFlashDraftSource
-from mlx_engine.sampling import SamplingParams, make_sampler
+from mlx_engine.sampling import GumbelMax, Sampler, SamplingParams, make_sampler
 from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
@@ -307,6 +307,54 @@ def test_sampled_fused_equals_sampled_ar_for_the_same_seed(pair, policy):
     assert ar != _ar(verifier, prompt)  # not the greedy answer
     if policy == "random":
         assert stats.ar_steps > 0 and stats.blocks > 0 and stats.shadows > 0
+
+
+TOP_P = SamplingParams(temp=0.8, top_p=0.9)
+
+
+class SortedTopP(GumbelMax):
+    """Top-p by the sort of every row: the definition the fast route must reproduce."""
+
+    def choose(self, logits, position):
+        return Sampler.choose(self, logits, position)
+
+
+class CountingSettles(GumbelMax):
+    """Top-p by the fast route, counting rows it was unsure of and in-graph guesses taken back."""
+
+    def __init__(self, seed: int, candidates: int, chain: int):
+        super().__init__(TOP_P, seed, VOCAB, candidates, chain)
+        self.settles = self.wrong_guesses = 0
+
+    def read(self, choice):
+        tokens, guessed = super().read(choice)
+        self.wrong_guesses += not guessed
+        return tokens, guessed
+
+    def settled(self, choice):
+        self.settles += 1
+        return super().settled(choice)
+
+
+@pytest.mark.parametrize("route", [(1, 0), (8, 2)], ids=["always-unsure", "few-candidates"])
+def test_top_p_rows_the_fast_route_is_unsure_of_are_settled_as_the_sort_does(pair, route):
+    """Unsure rows are chosen again before they are committed: the AR loops take back a step
+    queued on a wrong guess, a drafted round settles its acceptance again."""
+    verifier, drafter = pair
+    prompt = prompt_tokens(PROMPT_LEN, seed=37)
+    want = _ar(verifier, prompt, sampler=SortedTopP(TOP_P, 7, VOCAB))
+    assert want != _ar(verifier, prompt, sampler=make_sampler(SamplingParams(0.8), 7, VOCAB))
+    ar_sampler = CountingSettles(7, *route)
+    assert _ar(verifier, prompt, sampler=ar_sampler) == want
+    for policy in (FixedWidth(4), RandomWidthsWithShadows(5)):
+        sampler, stats = CountingSettles(7, *route), DecodeStats()
+        fused = collect(fused_stream(verifier, DFlashDraftSource(drafter, verifier), prompt,
+                                     NEW_TOKENS, policy, sampler=sampler, stats=stats))
+        assert fused == want
+        if route == (1, 0):
+            assert sampler.settles > 0 and (stats.ar_steps == 0 or sampler.wrong_guesses > 0)
+    if route == (1, 0):  # the guess is the most likely token: often not the sample
+        assert ar_sampler.wrong_guesses > 0 and stats.ar_steps > 0
 
 
 class TargetDraftSource(DFlashDraftSource):

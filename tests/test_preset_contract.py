@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ PARSERS = {
     "mlx_engine.server_bench": server_bench.build_parser,
 }
 PRESETS = load_presets(default_presets_dir())
+README = Path(__file__).parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -60,3 +63,20 @@ def test_the_readme_first_command_preset_runs_here_and_passes_its_gate(tmp_path,
     evidence = json.loads((run / "artifacts" / "evidence.json").read_text())
     assert evidence["aggregate"]["lossless_all"] is True
     assert evidence["params"]["max_tokens"] == 128 and evidence["drafter"]["id"] == "default"
+
+
+def test_the_readme_first_command_preset_runs_what_the_readme_says():
+    """The preset repeats the README's quick-start command (it cannot read the README on the
+    Mac): an edit to either without the other fails here. Only the evidence path differs."""
+    line = re.search(r"^pip install -e \. && (python -m mlx_engine\.generate .*)$",
+                     README.read_text(), re.MULTILINE)
+    assert line, "README.md has no `pip install -e . && python -m mlx_engine.generate` line"
+    readme = shlex.split(line.group(1))
+    preset = PRESETS["readme-first-command"].command({}, Path("/out"), "req-1", {}).argv
+
+    def without_json(argv: list[str]) -> list[str]:
+        at = argv.index("--json")
+        return argv[:at] + argv[at + 2:]
+
+    assert without_json(preset) == without_json(readme)
+    assert preset[preset.index("--json") + 1] == "/out/evidence.json"

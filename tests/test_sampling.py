@@ -14,7 +14,14 @@ from tiny import drafter_config, make_target, save_random_drafter
 from mlx_engine.drafter import load_drafter
 from mlx_engine.policy import FixedWidth
 from mlx_engine.proposer import DFlashDraftSource, DraftHead
-from mlx_engine.sampling import Sampler, SamplingParams, make_sampler, probs
+from mlx_engine.sampling import (
+    Sampler,
+    SamplingParams,
+    filtered,
+    make_sampler,
+    probs,
+    top_p_choice,
+)
 from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
@@ -147,23 +154,43 @@ def test_top_p_keeps_the_smallest_most_likely_set_reaching_its_mass(top_p):
         assert 1 <= row.sum() < 500
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_choice_is_the_sorts_sample_on_every_row_it_is_sure_of(top_p):
+    """Rows from flat to peaked, so top-p sets run from one token to thousands: the fast route
+    with its default candidates settles all of them; with 8 candidates the sets larger than
+    8 are settled by testing noisy argmaxes (most, not all); with neither route, none."""
+    rows, vocab = 96, 3000
+    scale = mx.linspace(0.2, 8, rows)[:, None]
+    scores = mx.random.normal((rows, vocab), key=mx.random.key(5)) * scale
+    noise = mx.random.gumbel((rows, vocab), key=mx.random.key(6))
+    sample = np.array(mx.argmax(filtered(scores, SamplingParams(1.0, top_p=top_p)) + noise, -1))
+    p = np.sort(np.array(mx.softmax(scores, axis=-1)), axis=-1)[:, ::-1]
+    set_size = ((np.cumsum(p, axis=-1) - p) < top_p).sum(-1)
+    settled = {}
+    for route in [(1024, 2), (8, 2), (8, 0), (1, 0)]:
+        tokens, sure = (np.array(a) for a in top_p_choice(scores, noise, top_p, *route))
+        assert (tokens[sure] == sample[sure]).all()
+        settled[route] = sure
+    assert settled[1024, 2].all() and set_size.max() > 1024
+    assert (settled[8, 0] == (set_size < 8)).all() and 0 < settled[8, 0].sum() < rows
+    chain_settled = settled[8, 2] & ~settled[8, 0]
+    assert chain_settled.sum() > 0.5 * (~settled[8, 0]).sum()
+    assert not settled[1, 0].any()
+
+
 class CountingGreedy(Sampler):
     """Greedy, counting who asks it for what."""
 
     def __init__(self) -> None:
         self.calls: Counter = Counter()
 
-    def pick(self, logits, position):
-        self.calls["pick"] += 1
-        return super().pick(logits, position)
+    def choose(self, logits, position):
+        self.calls["choose", logits.shape[0]] += 1
+        return super().choose(logits, position)
 
     def draft(self, logits, position, vocab_ids=None):
         self.calls["draft"] += 1
         return super().draft(logits, position, vocab_ids)
-
-    def accept(self, drafts, target_logits, position):
-        self.calls["accept"] += 1
-        return super().accept(drafts, target_logits, position)
 
 
 def test_the_sampler_is_the_seam_the_proposer_and_the_loop_each_call_once(pair):
@@ -173,4 +200,5 @@ def test_the_sampler_is_the_seam_the_proposer_and_the_loop_each_call_once(pair):
     fused = collect(fused_stream(verifier, source, PROMPT, 24, FixedWidth(4), sampler=sampler,
                                  stats=stats))
     assert fused == collect(ar_stream(verifier, PROMPT, 24))
-    assert sampler.calls == {"pick": 1, "draft": stats.blocks, "accept": stats.blocks}
+    assert sampler.calls == {("choose", 1): 1, "draft": stats.blocks,
+                             ("choose", 4): stats.blocks}
