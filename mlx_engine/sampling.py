@@ -57,17 +57,29 @@ class SamplingParams:
         return "+".join(["sampled", *cuts])
 
 
-def filtered(logits: mx.array, params: SamplingParams) -> mx.array:
-    """Logits / temp, with the tokens top-k and top-p leave out at -inf (last axis)."""
+def scaled(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Logits / temp, with the tokens top-k leaves out at -inf (last axis)."""
     scores = logits.astype(mx.float32) / params.temp
     if 0 < params.top_k < scores.shape[-1]:
         kth = mx.topk(scores, params.top_k, axis=-1).min(axis=-1, keepdims=True)
         scores = mx.where(scores >= kth, scores, -mx.inf)
+    return scores
+
+
+def least_kept(descending: mx.array, top_p: float) -> tuple[mx.array, mx.array]:
+    """(how many, the last one's p) of probabilities sorted most likely first that top-p
+    keeps: each while the mass before it is below top_p."""
+    kept = ((mx.cumsum(descending, axis=-1) - descending) < top_p).sum(-1, keepdims=True)
+    return kept, mx.take_along_axis(descending, kept - 1, axis=-1)
+
+
+def filtered(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Logits / temp, with the tokens top-k and top-p leave out at -inf (last axis)."""
+    scores = scaled(logits, params)
     if params.top_p < 1.0:  # the most likely tokens until their mass reaches top_p
         p = mx.softmax(scores, axis=-1)
-        sorted_p = -mx.sort(-p, axis=-1)  # values only: a fifth cheaper than argsort on a CPU
-        kept = ((mx.cumsum(sorted_p, axis=-1) - sorted_p) < params.top_p).sum(-1, keepdims=True)
-        least = mx.take_along_axis(sorted_p, kept - 1, axis=-1)  # the last kept token's p
+        # values only: a fifth cheaper than argsort on a CPU
+        _, least = least_kept(-mx.sort(-p, axis=-1), params.top_p)
         scores = mx.where(p >= least, scores, -mx.inf)  # (a tie with it is kept too)
     return scores
 
@@ -87,9 +99,7 @@ def top_p_choice(scores: mx.array, noise: mx.array, top_p: float,
     z = scores + noise
     p = mx.softmax(scores, axis=-1)
     k = min(candidates, p.shape[-1])
-    top = -mx.sort(-mx.topk(p, k, axis=-1), axis=-1)
-    kept = ((mx.cumsum(top, axis=-1) - top) < top_p).sum(-1, keepdims=True)
-    least = mx.take_along_axis(top, kept - 1, axis=-1)
+    kept, least = least_kept(-mx.sort(-mx.topk(p, k, axis=-1), axis=-1), top_p)
     tokens = mx.argmax(mx.where(p >= least, z, -mx.inf), axis=-1)
     sure = (kept[..., 0] < k) | (k == p.shape[-1])
     floor = mx.full(least.shape, -1.0)
@@ -218,8 +228,7 @@ class GumbelMax(Sampler):
         if self.params.top_p >= 1.0:
             return None
         rows = logits.reshape(-1, logits.shape[-1])
-        top_k_only = SamplingParams(self.params.temp, top_k=self.params.top_k)
-        tokens, sure = top_p_choice(filtered(rows, top_k_only),
+        tokens, sure = top_p_choice(scaled(rows, self.params),
                                     self._noise_for(rows, position, vocab_ids),
                                     self.params.top_p, self.candidates, self.chain)
         return tokens.reshape(logits.shape[:-1]), sure.reshape(logits.shape[:-1])
