@@ -13,6 +13,7 @@
 #   device k:  carry [".gpu_carry/k"]  command: bash scripts/gpu/lease.sh stage .gpu_carry/k  (k=1..N)
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh train
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh bench
+#   device:    (no carry)              command: bash scripts/gpu/lease.sh setup  (MLX only: bench and eval at once)
 #   device:    (no carry)              command: bash scripts/gpu/lease.sh vocab DIR; ... eval
 #
 # The working tree travels with every call and counts against the 64 MiB (about 39 MiB with
@@ -37,7 +38,10 @@
 # every EVAL_DRAFTERS x EVAL_KINDS group at once (the MLX engine on CUDA, per-kind held-out tau
 # at blocks 4/8/16, lossless checked), jobs spread over the GPUs, each cut after EVAL_LIMIT
 # seconds (its JSON keeps the kinds that finished); $OUT/eval.tgz holds the JSONs, tables and
-# logs. Knobs (env): SEED (0), LR (1e-3),
+# logs. `bench` and `eval` give a drafter dir without a draft vocabulary the bundled
+# drafter's, so that two drafters differ only in their weights; `setup` alone installs MLX and
+# converts the verifier, so that a bench and an eval can then share one call. Knobs (env):
+# SEED (0), LR (1e-3),
 # BATCH (16), ANCHORS (64), LAYERS (4), NUM_PROMPTS (8192), EVAL_PROMPTS (64),
 # FUNCTION_PROMPTS (0: the share of prompts ending at a function body), MIX (unset: prompt kinds
 # and weights, e.g. function_body=0.4,long=0.1,chat=0.2; replaces FUNCTION_PROMPTS), SEQ_LEN
@@ -173,6 +177,11 @@ mlx_setup() {  # device: mlx + mlx-cuda-13 + mlx-lm installed once, the verifier
         python3 -m mlx_engine.convert_gguf --gguf "$STAGE/$GGUF" --out "$model" --dtype float32 --quiet
 }
 
+with_draft_vocab() {  # device: a fresh export drafts over the bundled drafter's vocabulary
+    [[ $1 == default || -f $1/draft_vocab.safetensors ]] ||
+        cp mlx_engine/drafters/gemma3-270m-dflash/draft_vocab.safetensors "$1/"
+}
+
 bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence to $OUT
     local model res=/tmp/kakeya-bench
     mlx_setup
@@ -196,8 +205,7 @@ bench() {  # device: the MLX engine on CUDA, side by side with mlx-lm, evidence 
     read -ra flags <<< "${BENCH_FLAGS:--}"
     read -ra envs <<< "${BENCH_ENVS:--}"
     for d in "${drafters[@]}"; do
-        [[ $d == default || -f $d/draft_vocab.safetensors ]] ||
-            cp mlx_engine/drafters/gemma3-270m-dflash/draft_vocab.safetensors "$d/"
+        with_draft_vocab "$d"
         for b in "${blocks[@]}"; do for t in "${dtypes[@]}"; do for f in "${flags[@]}"; do
             for e in "${envs[@]}"; do jobs+=("$d $b $t $f $e"); done
         done; done; done
@@ -243,6 +251,7 @@ eval_drafters() {  # device: per-kind engine tau (eval_drafter), every job at on
     IFS=, read -ra groups <<< "${EVAL_KINDS:-function_body long snippet readme,chat prose short tail}"
     gpus=$(nvidia-smi -L | wc -l)
     for d in "${drafters[@]}"; do
+        with_draft_vocab "$d"
         for g in "${groups[@]}"; do
             name=bundled
             [[ $d == default ]] || name=$(basename "$d")
@@ -272,8 +281,9 @@ case "${1:-}" in
     pack) pack ;;
     stage) stage "$2" ;;
     train) train "${2:-}" ;;
+    setup) mlx_setup ;;
     bench) bench ;;
     eval) eval_drafters ;;
     vocab) vocab "$2" ;;
-    *) echo "usage: $0 pack | stage DIR | train DIR | bench | eval | vocab DIR" >&2; exit 2 ;;
+    *) echo "usage: $0 pack | stage DIR | train DIR | setup | bench | eval | vocab DIR" >&2; exit 2 ;;
 esac
