@@ -13,8 +13,8 @@ rejection sampling, which keeps the target's distribution but not AR's sample, a
 accepted slightly less often: the shared noise couples the drafter's sample with the target's
 less tightly than a maximal coupling does (docs/design.md).
 
-Top-p is defined by a sort of the whole row (`filtered`), which on a CPU costs four times the
-rest of a sampled row. So rows are chosen by `top_p_choice`, which sorts only the most likely
+Top-p is defined by a sort of the whole row (`filtered`), which on a CPU costs about five times
+the rest of a sampled row. So rows are chosen by `top_p_choice`, which sorts only the most likely
 candidates and otherwise tests the noisy argmax itself; a row it cannot settle that way (rare)
 is marked unsure, and the loops choose it again by the sort (`Sampler.settled`) before they
 commit it. Either way a row gets the sort's token.
