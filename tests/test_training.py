@@ -496,12 +496,16 @@ def test_data_parallel_run_over_two_ranks(smoke: Path, tmp_path: Path):
 
     args = list(SMOKE_ARGS)
     args[args.index("--batch-size") + 1] = "4"  # 2 ranks x 4 = the smoke's 8 a step
+    ranks = tmp_path / "ranks"  # each rank's own stdout/stderr, for a failure's message
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "mlx_engine.train_drafter", "--out", str(tmp_path), "--steps", "30",
-           *args]
+           "2", "--log-dir", str(ranks), "--redirects", "3", "-m", "mlx_engine.train_drafter",
+           "--out", str(tmp_path), "--steps", "30", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    if run.returncode != 0:
+        pytest.fail(run.stderr[-1500:] + "".join(
+            f"\n--- {log.relative_to(ranks)}\n{log.read_text()[-2000:]}"
+            for log in sorted(ranks.rglob("std*.log"))))
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["data_parallel_ranks"] == 2 and log["steps_done"] == 30
     assert log["train_config"]["batch_size"] == 4
