@@ -500,7 +500,7 @@ def test_data_parallel_run_over_two_ranks(smoke: Path, tmp_path: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "--log-dir", str(ranks), "--redirects", "3", "-m", "mlx_engine.train_drafter",
            "--out", str(tmp_path), "--steps", "30", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if run.returncode != 0:
         pytest.fail(run.stderr[-1500:] + "".join(
@@ -524,6 +524,39 @@ def test_data_parallel_run_over_two_ranks(smoke: Path, tmp_path: Path):
                                   [ours.continuations[i] for i in held], row["block_size"])
         assert (row["rounds"], row["tokens"], row["sequences"]) == (
             whole["rounds"], whole["tokens"], len(held))
+
+
+RANK_SCRIPT = """
+import os
+from mlx_engine.training import distributed
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    return [n.strip() for n in names if "gloo" in n]
+
+group, _ = distributed.init("cpu")
+import transformers.modeling_utils  # what a run imports once the group exists
+assert gloo_threads(), "no gloo threads while the group is up: the check below would be void"
+distributed.finish(group)
+assert not gloo_threads(), f"the group outlived finish(): {gloo_threads()}"
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_finish_ends_the_process_group(tmp_path: Path):
+    """A group still alive at interpreter shutdown can abort its rank (SIGABRT); imported
+    after the group, transformers pinned it, and finish() left gloo's threads running."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("block", [4, 8])

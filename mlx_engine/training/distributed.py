@@ -20,6 +20,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+# `torch.distributed.nn` binds `group.WORLD` as default arguments when it is imported
+# (transformers imports it). Imported after `init` made the group, that pins the group:
+# destroy_process_group then leaves gloo's threads running into interpreter shutdown, where a
+# rank can abort ("terminate called without an active exception"). Imported here, before any
+# group exists, it binds the placeholder.
+import torch.distributed.nn
+
 from ..errors import UserError
 
 T = TypeVar("T")
