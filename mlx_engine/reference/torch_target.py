@@ -9,6 +9,7 @@ before the final norm whatever `output_hidden_states` does in a given transforme
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,9 +173,11 @@ class TargetModel:
                             device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
 
+        cache_arg = _cache_argument(self.model)
+
         def step(x: torch.Tensor, past: Any = None, **kw: Any) -> Any:
             extra = {"attention_mask": mask, "position_ids": pos} if padded else {}
-            return self.model(input_ids=x, past_key_values=past, use_cache=True, **kw, **extra)
+            return self.model(input_ids=x, use_cache=True, **{cache_arg: past}, **kw, **extra)
 
         res = step(ids, logits_to_keep=1)
         tokens = [res.logits[:, -1].argmax(-1)]
@@ -184,10 +187,17 @@ class TargetModel:
                 break
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             pos = pos[:, -1:] + 1
-            res = step(tokens[-1][:, None], res.past_key_values)
+            res = step(tokens[-1][:, None], res[cache_arg])
             tokens.append(res.logits[:, -1].argmax(-1))
             done |= torch.isin(tokens[-1], eos)
         return torch.stack(tokens, dim=1)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The KV cache's name in `forward` and its output: `cache` in newer transformers (5.25
+    has it; `past_key_values` there warns and goes in 5.40), `past_key_values` in older ones
+    (5.17 has only that, and would swallow `cache` in its **kwargs)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
