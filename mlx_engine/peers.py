@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -56,13 +57,19 @@ class Unavailable:
 def why(exc: BaseException) -> str:
     """One line: the exception, where it was raised (file:line) and its first message line."""
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = ""
-    if frame is not None:
-        parts = Path(frame.filename).parts
-        tail = parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-2:]
-        where = f" at {'/'.join(tail)}:{frame.lineno}"
+    where = f" at {_import_path(frame.filename)}:{frame.lineno}" if frame is not None else ""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}{where}: {message}"
+
+
+def _import_path(filename: str) -> str:
+    """A module file as its package names it (`dflash_mlx/engine/target_ops.py`), relative to
+    the deepest import root holding it: site-packages, Debian's dist-packages, a --target dir."""
+    path = Path(filename).resolve()
+    roots = [Path(p).resolve() for p in sys.path if p and Path(p).is_dir()]
+    root = max((r for r in roots if path.is_relative_to(r)), key=lambda r: len(r.parts),
+               default=None)
+    return path.relative_to(root).as_posix() if root is not None else "/".join(path.parts[-2:])
 
 
 class Peer(ABC):

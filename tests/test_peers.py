@@ -55,6 +55,30 @@ def test_a_peer_that_is_not_installed_is_an_arm_that_says_why(pair, tmp_path, mo
         assert "not installed" in a["error"]
 
 
+def test_the_peers_extra_pins_what_the_bench_asks_for():
+    """`pip install '.[peers]'`, the bench's install hint and .ci/run (which reads
+    peers.INSTALL) name the same versions."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert sorted(project["project"]["optional-dependencies"]["peers"]) == sorted(
+        peers.INSTALL.values())
+
+
+def test_why_names_the_raising_file_as_its_package_does(tmp_path, monkeypatch):
+    """Wherever the peer is installed (site-packages, dist-packages, a --target dir on
+    PYTHONPATH), the location reads `package/module.py:line`."""
+    module = tmp_path / "installed" / "peerpkg" / "engine" / "ops.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("def load():\n    raise NotImplementedError('model_type=x\\nmore')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a shallower root holds it too
+    monkeypatch.syspath_prepend(str(tmp_path / "installed"))
+    from peerpkg.engine import ops
+
+    with pytest.raises(NotImplementedError) as raised:
+        ops.load()
+    assert peers.why(raised.value) == "NotImplementedError at peerpkg/engine/ops.py:2: model_type=x"
+
+
 def test_unknown_peer_is_one_line_and_exit_2(pair, capsys):
     _, model, draft = pair
     assert main(["--model", str(model), "--draft", str(draft), "--workload", "code",
