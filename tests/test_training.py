@@ -483,29 +483,34 @@ def test_interleave_undoes_the_rank_shards():
         assert interleave([items[r::world] for r in range(world)]) == items
 
 
-def test_data_parallel_run_over_two_ranks(smoke: Path, tmp_path: Path):
-    """torchrun, 2 CPU ranks (gloo): the shards of generation and evaluation add up to the
-    whole, and training ends with identical replicas (the run fails otherwise)."""
+def _run_two_ranks(logs: Path, *program: str, timeout: int) -> None:
+    """torchrun, 2 CPU ranks (gloo); a failure shows the launcher's stderr and each rank's own
+    stdout/stderr (kept in `logs`), with Python's stacks if a rank died on a signal."""
     import os
     import subprocess
     import sys
 
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "--log-dir", str(logs), "--redirects", "3", *program]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if run.returncode != 0:
+        pytest.fail(run.stderr[-1500:] + "".join(
+            f"\n--- {log.relative_to(logs)}\n{log.read_text()[-2000:]}"
+            for log in sorted(logs.rglob("std*.log"))))
+
+
+def test_data_parallel_run_over_two_ranks(smoke: Path, tmp_path: Path):
+    """torchrun, 2 CPU ranks (gloo): the shards of generation and evaluation add up to the
+    whole, and training ends with identical replicas (the run fails otherwise)."""
     from mlx_engine.reference.torch_drafter import TorchDFlashDrafter
     from mlx_engine.reference.torch_target import load_target
     from mlx_engine.training.evaluate import acceptance_length
 
     args = list(SMOKE_ARGS)
     args[args.index("--batch-size") + 1] = "4"  # 2 ranks x 4 = the smoke's 8 a step
-    ranks = tmp_path / "ranks"  # each rank's own stdout/stderr, for a failure's message
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "--log-dir", str(ranks), "--redirects", "3", "-m", "mlx_engine.train_drafter",
-           "--out", str(tmp_path), "--steps", "30", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if run.returncode != 0:
-        pytest.fail(run.stderr[-1500:] + "".join(
-            f"\n--- {log.relative_to(ranks)}\n{log.read_text()[-2000:]}"
-            for log in sorted(ranks.rglob("std*.log"))))
+    _run_two_ranks(tmp_path / "ranks", "-m", "mlx_engine.train_drafter", "--out", str(tmp_path),
+                   "--steps", "30", *args, timeout=600)
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["data_parallel_ranks"] == 2 and log["steps_done"] == 30
     assert log["train_config"]["batch_size"] == 4
@@ -546,17 +551,9 @@ assert not gloo_threads(), f"the group outlived finish(): {gloo_threads()}"
 def test_finish_ends_the_process_group(tmp_path: Path):
     """A group still alive at interpreter shutdown can abort its rank (SIGABRT); imported
     after the group, transformers pinned it, and finish() left gloo's threads running."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_two_ranks(tmp_path / "ranks", str(script), timeout=300)
 
 
 @pytest.mark.parametrize("block", [4, 8])
