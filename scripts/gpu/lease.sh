@@ -107,6 +107,7 @@ for p in g.chunk_paths(): print(p)')
 stage() {  # device: move one carry out of the tree into a dir that outlives the call
     mkdir -p "$STAGE"
     mv "$1"/* "$STAGE"/
+    rm -f "$STAGE/.unpacked"  # new pieces (a second payload: wheels after a train) unpack again
     ls -la "$STAGE"
 }
 
