@@ -102,13 +102,14 @@ def _load_verifier(spec: str, dtype: str | None) -> tuple[Verifier, object, Mode
         raise UserError(f"cannot load model dir {path}: {reason}") from None
     if dtype is not None or spec == DEFAULT:
         model.set_dtype(DTYPES[chosen])
-    info = ModelInfo(spec, path, dir_sha256(path), _float_dtype(model))
-    return Verifier(model), tokenizer, info
+    verifier = Verifier(model)
+    info = ModelInfo(spec, path, dir_sha256(path), _float_dtype(verifier))
+    return verifier, tokenizer, info
 
 
-def _float_dtype(model) -> str:
+def _float_dtype(verifier: Verifier) -> str:
     """The floating dtype the model computes in (a quantized embedding's scales tell it)."""
-    emb = model.model.embed_tokens
+    emb = verifier.inner.embed_tokens
     dtype = emb.scales.dtype if hasattr(emb, "scales") else emb.weight.dtype
     return next(name for name, d in DTYPES.items() if d == dtype)
 

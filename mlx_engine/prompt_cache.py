@@ -5,7 +5,9 @@ everything before it again. Reuse is exact: the verifier's cache is a plain `KVC
 layer, sliding-window layers included (`verifier.py`), and the drafter's context rows are one
 per position, so rolling both back to the longest common token prefix is a trim, and the rows
 kept are the rows a cold run would compute for those tokens. Past the first differing token
-nothing is reused. One slot: one model serves one conversation at a time.
+nothing is reused. A recurrent layer's state (`RecurrentCache`) cannot be cut back that far:
+with one, the rows are reused only when the new prompt starts with all of them. One slot: one
+model serves one conversation at a time.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ from dataclasses import dataclass
 
 from mlx_lm.models.cache import KVCache
 
+from .verifier import RecurrentCache, can_trim
+
 
 @dataclass
 class CachedRows:
     tokens: list[int]  # the tokens the rows hold, in order
-    verifier: list[KVCache]
+    verifier: list[KVCache | RecurrentCache]
     drafter: list[KVCache] | None  # the drafter's context rows (after a fused run)
 
 
-def _keep(cache: list[KVCache], n: int) -> None:
+def _keep(cache: list[KVCache | RecurrentCache], n: int) -> bool:
+    """Cut every layer's rows to the first `n`; False, and nothing cut, where a recurrent
+    state cannot drop that many."""
+    if not all(can_trim(c, c.offset - n) for c in cache):
+        return False
     for c in cache:
         c.trim(c.offset - n)
+    return True
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -45,20 +54,22 @@ class PromptCache:
         if rows is None or (with_drafter and rows.drafter is None):
             return None
         n = common_prefix(rows.tokens, prompt[:-1])
-        if n == 0:
+        if n == 0 or not _keep(rows.verifier, n):
             return None
-        _keep(rows.verifier, n)
         if with_drafter:
             _keep(rows.drafter, n)
         return CachedRows(rows.tokens[:n], rows.verifier, rows.drafter if with_drafter else None)
 
-    def put(self, tokens: list[int], verifier: list[KVCache],
+    def put(self, tokens: list[int], verifier: list[KVCache | RecurrentCache],
             drafter: list[KVCache] | None) -> None:
         """Keep a finished (or abandoned) run's rows. A run's cache may hold rows past the
-        tokens it returned (drafts accepted beyond max_tokens or a stop): they are cut."""
+        tokens it returned (drafts accepted beyond max_tokens or a stop): they are cut, or
+        nothing is kept where a recurrent state cannot drop them."""
         n = min(len(tokens), verifier[0].offset,
                 len(tokens) if drafter is None else drafter[0].offset)
-        _keep(verifier, n)
+        self._rows = None
+        if not _keep(verifier, n):
+            return
         if drafter is not None:
             _keep(drafter, n)
         self._rows = CachedRows(tokens[:n], verifier, drafter)

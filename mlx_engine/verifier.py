@@ -1,22 +1,26 @@
 """The verifier: any mlx-lm causal LM, driven one block at a time.
 
 One target forward over a block returns the logits AND the hidden states of the layers the
-drafter taps, so the drafter's context needs no second pass. The prompt cache is plain
-`KVCache` on every layer: mlx-lm's models keep building sliding-window masks from the cache
-offset, so attention is exactly what the native `RotatingKVCache` layout computes, while
-rolling back rejected draft rows is an O(1) `trim` on every layer (a wrapped ring cannot be
-trimmed: once it has wrapped, its rows are no longer in position order).
+drafter taps, so the drafter's context needs no second pass. Attention layers get a plain
+`KVCache`: mlx-lm's models keep building sliding-window masks from the cache offset, so
+attention is exactly what the native `RotatingKVCache` layout computes, while rolling back
+rejected draft rows is an O(1) `trim` (a wrapped ring cannot be trimmed: once it has wrapped,
+its rows are no longer in position order). A recurrent layer (linear attention, SSM) keeps one
+state, which no trim can undo: its `RecurrentCache` keeps the state from before the latest
+forward and that forward's layer input, and rolls back by running the layer again over the
+rows it keeps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import UserError
 
@@ -28,22 +32,81 @@ class _TapSink:
 
     def __init__(self) -> None:
         self.outputs: dict[int, mx.array] = {}
+        self.tapped: set[int] = set()
 
 
-def _install_tap(layer: nn.Module, index: int, sink: _TapSink) -> None:
-    """Swap the layer's class for a subclass that records its output hidden state.
+class RecurrentCache(ArraysCache):
+    """A recurrent layer's state that can drop the last rows of the latest forward.
+
+    The layer's hook (`_install_hooks`) hands over, before each forward, how to run the layer
+    again on the first rows of its input; dropping rows restores the state from before that
+    forward and runs the layer over the rows kept. Only the state is read from that run, so
+    MLX never evaluates the rest of the layer (its MLP, its output projection).
+    """
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.offset = 0  # tokens the state has absorbed: what `KVCache.offset` tells
+        self._before: list[mx.array | None] | None = None
+        self._redo: Callable[[int], object] | None = None
+        self._rows = 0
+
+    def remember(self, redo: Callable[[int], object], rows: int) -> None:
+        self._before, self._redo, self._rows = list(self.cache), redo, rows
+        self.offset += rows
+
+    def can_trim(self, n: int) -> bool:
+        return n <= 0 or (self._redo is not None and n <= self._rows)
+
+    def trim(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        if not self.can_trim(n):
+            raise ValueError(f"a recurrent state can drop rows of its latest forward only "
+                             f"({self._rows}), not {n}")
+        keep, redo = self._rows - n, self._redo
+        self.cache, self.offset = list(self._before), self.offset - self._rows
+        self._before, self._redo, self._rows = None, None, 0
+        if keep:  # the layer itself, not its hook: nothing is remembered, one rollback a forward
+            redo(keep)
+            self.offset += keep
+        return n
+
+
+def can_trim(cache: KVCache | RecurrentCache, n: int) -> bool:
+    """Whether a layer's cache can drop its last `n` rows (a recurrent state: only rows of
+    its latest forward)."""
+    return cache.can_trim(n) if isinstance(cache, RecurrentCache) else True
+
+
+def _install_hooks(layer: nn.Module, index: int, sink: _TapSink) -> None:
+    """Swap the layer's class for a subclass that records its output when tapped and hands a
+    `RecurrentCache` it is given the way to run it again.
 
     A class swap keeps every attribute the model reads off its layers (`layer_type`,
     `use_sliding`, ...) and works for any mlx-lm family; Gemma 4 layers return a tuple.
     """
     base = type(layer)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = base.__call__(self, *args, **kwargs)
-        sink.outputs[index] = out[0] if isinstance(out, tuple) else out
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> Any:
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, RecurrentCache):
+                arg.remember(lambda n: base.__call__(self, x[:, :n], *args, **kwargs),
+                             x.shape[1])
+        out = base.__call__(self, x, *args, **kwargs)
+        if index in sink.tapped:
+            sink.outputs[index] = out[0] if isinstance(out, tuple) else out
         return out
 
-    layer.__class__ = type(f"Tapped{base.__name__}", (base,), {"__call__": __call__})
+    layer.__class__ = type(f"Hooked{base.__name__}", (base,), {"__call__": __call__})
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The causal LM itself: mlx-lm loads a multimodal checkpoint (Gemma 3/4, Qwen 3.5, ...)
+    as a wrapper that keeps it as `language_model`."""
+    while "language_model" in model:
+        model = model.language_model
+    return model
 
 
 def _dense(layer: nn.Module) -> mx.array:
@@ -63,18 +126,28 @@ class Verifier:
     """Adapter over an mlx-lm model: block forward -> (logits, taps), exact cache rollback."""
 
     def __init__(self, model: nn.Module, tap_layer_ids: list[int] | None = None):
-        self.model = model
-        self.inner = model.model
-        self.num_layers = len(model.layers)
-        self.hidden_size = int(model.args.hidden_size)
-        self.vocab_size = int(model.args.vocab_size)
-        self.softcap = getattr(model, "final_logit_softcapping", None) or getattr(
-            model.args, "final_logit_softcapping", None
+        self.model = model  # as loaded: what mlx-lm's own generation runs
+        self.text = text_model(model)
+        self.inner = self.text.model
+        self.layers = self.text.layers
+        self.num_layers = len(self.layers)
+        self.hidden_size = int(self.text.args.hidden_size)
+        self.vocab_size = int(self.text.args.vocab_size)
+        self.softcap = getattr(self.text, "final_logit_softcapping", None) or getattr(
+            self.text.args, "final_logit_softcapping", None
         )
         self._sink = _TapSink()
+        self._hooked: set[int] = set()
+        if self.recurrent:  # any layer may be handed a RecurrentCache
+            self._hook(range(self.num_layers))
         self.tap_layer_ids: list[int] = []
         if tap_layer_ids:
             self.set_taps(tap_layer_ids)
+
+    def _hook(self, layer_ids: Iterable[int]) -> None:
+        for i in set(layer_ids) - self._hooked:
+            _install_hooks(self.layers[i], i, self._sink)
+            self._hooked.add(i)
 
     def set_taps(self, tap_layer_ids: list[int]) -> None:
         bad = [i for i in tap_layer_ids if not 0 <= i < self.num_layers]
@@ -82,27 +155,39 @@ class Verifier:
             raise UserError(
                 f"drafter taps target layers {bad} but the verifier has {self.num_layers} layers"
             )
-        for i in tap_layer_ids:
-            if i not in self.tap_layer_ids:
-                _install_tap(self.model.layers[i], i, self._sink)
+        self._hook(tap_layer_ids)
         self.tap_layer_ids = list(tap_layer_ids)
+        self._sink.tapped = set(tap_layer_ids)
 
     # --- cache -------------------------------------------------------------------------
-    def make_cache(self) -> list[KVCache]:
-        """One plain KVCache per cache slot the model declares (Gemma 4 shares some)."""
-        native = self.model.make_cache() if hasattr(self.model, "make_cache") else None
+    def make_cache(self) -> list[KVCache | RecurrentCache]:
+        """One cache per slot the model declares (Gemma 4 shares some): a plain KVCache for
+        attention, a RecurrentCache for a recurrent layer's state."""
+        native = self.text.make_cache() if hasattr(self.text, "make_cache") else None
         if native is None:
             return [KVCache() for _ in range(self.num_layers)]
+        caches: list[KVCache | RecurrentCache] = []
         for c in native:
-            if type(c) not in (KVCache, RotatingKVCache):
+            if type(c) in (KVCache, RotatingKVCache):
+                caches.append(KVCache())
+            elif isinstance(c, ArraysCache):
+                caches.append(RecurrentCache(len(c.cache)))
+            else:
                 raise UserError(
                     f"model type {self.model.model_type!r} uses {type(c).__name__}, which cannot "
-                    "be rolled back exactly; only attention (KV) caches are supported"
+                    "be rolled back exactly; only attention (KV) and recurrent-state caches are "
+                    "supported"
                 )
-        return [KVCache() for _ in native]
+        return caches
+
+    @functools.cached_property
+    def recurrent(self) -> bool:
+        """Whether some layer keeps a recurrent state (rolled back by running it again)."""
+        return any(isinstance(c, RecurrentCache) for c in self.make_cache())
 
     @staticmethod
     def trim(cache: list[KVCache], n: int) -> None:
+        """Drop the last `n` rows (a recurrent state: of the latest forward only)."""
         if n > 0:
             for c in cache:
                 c.trim(n)
@@ -114,11 +199,11 @@ class Verifier:
 
     def head_layer(self) -> nn.Module:
         """The layer behind the output projection: the embedding when tied."""
-        if getattr(self.model, "tie_word_embeddings", False) or not hasattr(
-            self.model, "lm_head"
+        if getattr(self.text, "tie_word_embeddings", False) or not hasattr(
+            self.text, "lm_head"
         ):
             return self.inner.embed_tokens
-        return self.model.lm_head
+        return self.text.lm_head
 
     def raw_head(self, h: mx.array) -> mx.array:
         """Output projection without the final soft-cap (what the drafter reuses)."""
@@ -190,14 +275,23 @@ class Verifier:
         return self.head(h[:, -1:, :])
 
     def check_adapter(self) -> None:
-        """Fail loudly if this family's head or tap wiring differs from `model()` itself."""
-        ids = mx.array([[1, 2, 3, 4]])
-        expect = self.model(ids, cache=[KVCache() for _ in self.make_cache()])
-        got = self.forward(ids, self.make_cache()).logits
+        """Fail loudly if this family's head, tap wiring or recurrent rollback differs from
+        `model()` itself with mlx-lm's own caches."""
+        ids = mx.array([[1, 2, 3, 4, 5, 6]])
+        expect = self.model(ids, cache=make_prompt_cache(self.model))
+        self._check_close(expect, self.forward(ids, self.make_cache()).logits, "logits")
+        if self.recurrent:
+            cache = self.make_cache()
+            self.forward(mx.array([[1, 2, 3, 9, 9]]), cache)
+            self.trim(cache, 2)
+            got = self.forward(ids[:, 3:], cache).logits
+            self._check_close(expect[:, 3:], got, "logits after rolling back two rows")
+
+    def _check_close(self, expect: mx.array, got: mx.array, what: str) -> None:
         err = mx.abs(expect.astype(mx.float32) - got.astype(mx.float32)).max().item()
         scale = mx.abs(expect.astype(mx.float32)).max().item() + 1e-6
         if err > 1e-3 * scale:
             raise UserError(
                 f"verifier adapter does not reproduce model type {self.model.model_type!r} "
-                f"logits (max diff {err:.3g}); this family is not supported"
+                f"{what} (max diff {err:.3g}); this family is not supported"
             )

@@ -41,6 +41,18 @@ def test_quantized_target_is_lossless(family, tmp_path):
     assert fused == ar
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_a_multimodal_checkpoint_is_verified_through_its_text_model(family, tmp_path):
+    """mlx-community's Gemma checkpoints load as a wrapper holding the LM as `language_model`
+    (the README's Gemma 4 26B A4B among them): the engine drives that, losslessly."""
+    model = save_model_dir(tmp_path / "model", family)
+    draft = save_random_drafter(tmp_path / "draft", drafter_config(6, block_size=8))
+    engine = Engine.load(str(model), str(draft))
+    assert engine.verifier.text is engine.verifier.model.language_model
+    prompt, opts = prompt_tokens(48, seed=4), RunOptions(max_tokens=40, ignore_eos=True)
+    assert engine.run("fused", prompt, opts).tokens == engine.run("ar", prompt, opts).tokens
+
+
 def test_sharded_drafter_loads_like_a_single_file(tmp_path):
     single = save_random_drafter(tmp_path / "single", drafter_config(6), seed=9)
     sharded = tmp_path / "sharded"

@@ -25,7 +25,8 @@ from mlx_engine.sampling import GumbelMax, Sampler, SamplingParams, make_sampler
 from mlx_engine.speculative import DecodeStats, ar_stream, collect, fused_stream
 from mlx_engine.verifier import Verifier
 
-FAMILIES = ["gemma3_text", "gemma4_text", "qwen3", "llama"]
+FAMILIES = ["gemma3_text", "gemma4_text", "qwen3", "llama", "qwen3_5", "qwen3_5_moe", "qwen3_next",
+            "gemma4"]
 PROMPT_LEN = 3 * WINDOW
 NEW_TOKENS = 64
 

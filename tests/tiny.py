@@ -12,7 +12,19 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models import gemma3_text, gemma4_text, llama, qwen3
+from mlx_lm.models import (
+    gemma3,
+    gemma3_text,
+    gemma4,
+    gemma4_text,
+    llama,
+    qwen3,
+    qwen3_5,
+    qwen3_5_moe,
+    qwen3_next,
+)
+
+from mlx_engine.verifier import text_model
 
 VOCAB = 97
 WINDOW = 16  # sliding window of the hybrid tiny targets: prompts are longer than this
@@ -42,29 +54,65 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=WINDOW, tie_word_embeddings=False,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     ),
+    # hybrid: gated-delta (linear attention) layers with a recurrent state, every third layer
+    # full attention; loaded, like the real checkpoints, through the multimodal wrapper
+    "qwen3_5": dict(
+        model_type="qwen3_5", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, full_attention_interval=3,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    ),
 }
+# the same hybrid with mixture-of-experts MLPs (Qwen 3.5/3.6 "-A3B"), and Qwen3-Next's
+TARGET_CONFIGS["qwen3_5_moe"] = dict(
+    TARGET_CONFIGS["qwen3_5"], model_type="qwen3_5_moe", num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32)
+TARGET_CONFIGS["qwen3_next"] = dict(
+    {k: v for k, v in TARGET_CONFIGS["qwen3_5_moe"].items() if k != "rope_parameters"},
+    model_type="qwen3_next", decoder_sparse_step=1, mlp_only_layers=[], rope_theta=10000.0,
+    partial_rotary_factor=0.5, max_position_embeddings=4096)
+# Gemma 3 as its multimodal checkpoints (4B and up) hold it
+TARGET_CONFIGS["gemma3"] = {"model_type": "gemma3", "vocab_size": VOCAB,
+                            "text_config": TARGET_CONFIGS["gemma3_text"]}
+# Gemma 4 as mlx-community's checkpoints of the README's 26B A4B hold it: the text model inside
+# the multimodal wrapper, its layers mixture-of-experts blocks
+TARGET_CONFIGS["gemma4"] = {"model_type": "gemma4", "vocab_size": VOCAB, "text_config": dict(
+    TARGET_CONFIGS["gemma4_text"], enable_moe_block=True, num_experts=4, top_k_experts=2,
+    moe_intermediate_size=32)}
 FAMILIES = {"gemma3_text": gemma3_text, "gemma4_text": gemma4_text, "qwen3": qwen3,
-            "llama": llama}
+            "llama": llama, "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe,
+            "qwen3_next": qwen3_next, "gemma3": gemma3, "gemma4": gemma4}
 
 
 # Random init decodes one token forever unless the embedding scale is tuned per family.
-EMBED_SCALE = {"gemma3_text": 4.0, "gemma4_text": 0.25, "qwen3": 4.0, "llama": 4.0}
+EMBED_SCALE = {"gemma3_text": 4.0, "gemma4_text": 0.25, "qwen3": 4.0, "llama": 4.0,
+               "qwen3_5": 4.0, "qwen3_5_moe": 4.0, "qwen3_next": 4.0, "gemma3": 4.0,
+               "gemma4": 0.25}
 
 
 def make_target(family: str, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     """A random mlx-lm model of `family`, float32, weights materialised."""
     mx.random.seed(seed)
     module = FAMILIES[family]
-    config = dict(TARGET_CONFIGS[family], vocab_size=vocab, vocab_size_per_layer_input=vocab)
+    config = _with_vocab(TARGET_CONFIGS[family], vocab)
     model = module.Model(module.ModelArgs.from_dict(config))
-    if family == "gemma4_text":  # mirror load(): drop K/V projections of shared layers
-        weights = model.sanitize(dict(tree_flatten(model.parameters())))
-        model.load_weights(list(weights.items()), strict=False)
-    emb = model.model.embed_tokens
+    text = text_model(model)
+    if text.model_type == "gemma4_text":  # mirror load(): drop K/V projections of shared layers
+        weights = text.sanitize(dict(tree_flatten(text.parameters())))
+        text.load_weights(list(weights.items()), strict=False)
+    emb = text.model.embed_tokens
     emb.weight = emb.weight * EMBED_SCALE[family]
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
+
+
+def _with_vocab(config: dict[str, Any], vocab: int) -> dict[str, Any]:
+    if "text_config" in config:  # a wrapper: Gemma's sets its text model's vocab from its own
+        return dict(config, vocab_size=vocab, text_config=_with_vocab(config["text_config"], vocab))
+    return dict(config, vocab_size=vocab, vocab_size_per_layer_input=vocab)
 
 
 def drafter_config(
