@@ -274,6 +274,8 @@ class Engine:
             with closing(loop), wired_limit(self.verifier.model, [generation_stream]):
                 rounds = 0
                 for chunk in loop:
+                    if not tokens and prompt_cache is not None:  # the prompt is in: mark it
+                        self.verifier.mark(cache)  # for a next turn that shares only it
                     # a drafted round appended its accepted count before yielding
                     drafted = stats.accepted[-1] if len(stats.accepted) > rounds else 0
                     rounds = len(stats.accepted)

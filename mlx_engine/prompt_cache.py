@@ -5,9 +5,11 @@ everything before it again. Reuse is exact: the verifier's cache is a plain `KVC
 layer, sliding-window layers included (`verifier.py`), and the drafter's context rows are one
 per position, so rolling both back to the longest common token prefix is a trim, and the rows
 kept are the rows a cold run would compute for those tokens. Past the first differing token
-nothing is reused. A recurrent layer's state (`RecurrentCache`) cannot be cut back that far:
-with one, the rows are reused only when the new prompt starts with all of them. One slot: one
-model serves one conversation at a time.
+nothing is reused. A recurrent layer's state (`RecurrentCache`) cannot be cut back to any
+prefix: with one, the rows are reused when the new prompt starts with all of them, or else up
+to the end of the previous prompt, where the engine marked the states (a chat template that
+renders the last answer differently, e.g. without its reasoning, still reuses everything
+before it). One slot: one model serves one conversation at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from mlx_lm.models.cache import KVCache
 
-from .verifier import RecurrentCache, can_trim
+from .verifier import RecurrentCache, can_trim, longest_cut
 
 
 @dataclass
@@ -53,9 +55,10 @@ class PromptCache:
         rows, self._rows = self._rows, None
         if rows is None or (with_drafter and rows.drafter is None):
             return None
-        n = common_prefix(rows.tokens, prompt[:-1])
-        if n == 0 or not _keep(rows.verifier, n):
+        n = longest_cut(rows.verifier, common_prefix(rows.tokens, prompt[:-1]))
+        if n == 0:
             return None
+        _keep(rows.verifier, n)
         if with_drafter:
             _keep(rows.drafter, n)
         return CachedRows(rows.tokens[:n], rows.verifier, rows.drafter if with_drafter else None)

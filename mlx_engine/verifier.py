@@ -36,12 +36,15 @@ class _TapSink:
 
 
 class RecurrentCache(ArraysCache):
-    """A recurrent layer's state that can drop the last rows of the latest forward.
+    """A recurrent layer's state that can drop the last rows of the latest forward, or go back
+    to where it was marked.
 
     The layer's hook (`_install_hooks`) hands over, before each forward, how to run the layer
     again on the first rows of its input; dropping rows restores the state from before that
     forward and runs the layer over the rows kept. Only the state is read from that run, so
-    MLX never evaluates the rest of the layer (its MLP, its output projection).
+    MLX never evaluates the rest of the layer (its MLP, its output projection). A mark keeps
+    the state at one position (the engine marks a prompt's end) for a later prompt that shares
+    only that much.
     """
 
     def __init__(self, size: int):
@@ -50,20 +53,30 @@ class RecurrentCache(ArraysCache):
         self._before: list[mx.array | None] | None = None
         self._redo: Callable[[int], object] | None = None
         self._rows = 0
+        self.marked: int | None = None
+        self._marked_state: list[mx.array | None] = []
 
     def remember(self, redo: Callable[[int], object], rows: int) -> None:
         self._before, self._redo, self._rows = list(self.cache), redo, rows
         self.offset += rows
 
+    def mark(self) -> None:
+        self.marked, self._marked_state = self.offset, list(self.cache)
+
     def can_trim(self, n: int) -> bool:
-        return n <= 0 or (self._redo is not None and n <= self._rows)
+        return (n <= 0 or (self._redo is not None and n <= self._rows)
+                or self.offset - n == self.marked)
 
     def trim(self, n: int) -> int:
         if n <= 0:
             return 0
         if not self.can_trim(n):
             raise ValueError(f"a recurrent state can drop rows of its latest forward only "
-                             f"({self._rows}), not {n}")
+                             f"({self._rows}), or go back to its mark, not {n} rows")
+        if self._redo is None or n > self._rows:  # back to the mark
+            self.cache, self.offset = list(self._marked_state), self.marked
+            self._before, self._redo, self._rows = None, None, 0
+            return n
         keep, redo = self._rows - n, self._redo
         self.cache, self.offset = list(self._before), self.offset - self._rows
         self._before, self._redo, self._rows = None, None, 0
@@ -75,8 +88,18 @@ class RecurrentCache(ArraysCache):
 
 def can_trim(cache: KVCache | RecurrentCache, n: int) -> bool:
     """Whether a layer's cache can drop its last `n` rows (a recurrent state: only rows of
-    its latest forward)."""
+    its latest forward, or back to its mark)."""
     return cache.can_trim(n) if isinstance(cache, RecurrentCache) else True
+
+
+def longest_cut(cache: list[KVCache | RecurrentCache], n: int) -> int:
+    """The most rows, at most `n`, that every layer's cache can be cut back to: `n` itself,
+    else where the recurrent states were marked, else 0."""
+    marks = {c.marked for c in cache if isinstance(c, RecurrentCache) and c.marked is not None}
+    for keep in (n, *sorted(marks, reverse=True)):
+        if keep <= n and all(can_trim(c, c.offset - keep) for c in cache):
+            return keep
+    return 0
 
 
 def _install_hooks(layer: nn.Module, index: int, sink: _TapSink) -> None:
@@ -184,6 +207,13 @@ class Verifier:
     def recurrent(self) -> bool:
         """Whether some layer keeps a recurrent state (rolled back by running it again)."""
         return any(isinstance(c, RecurrentCache) for c in self.make_cache())
+
+    @staticmethod
+    def mark(cache: list[KVCache | RecurrentCache]) -> None:
+        """Keep the recurrent states' present position to come back to (`RecurrentCache`)."""
+        for c in cache:
+            if isinstance(c, RecurrentCache):
+                c.mark()
 
     @staticmethod
     def trim(cache: list[KVCache], n: int) -> None:

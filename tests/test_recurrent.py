@@ -59,21 +59,29 @@ def test_fused_runs_equal_ar_through_the_engine(engine):
 
 
 @pytest.mark.parametrize("mode", ["fused", "ar"])
-def test_the_prompt_cache_reuses_whole_rows_only(engine, mode):
-    """A recurrent state cannot be cut back: the next turn reuses the rows when it starts
-    with all of them, and a prompt that departs earlier prefills from scratch; both exact."""
+def test_the_prompt_cache_reuses_whole_rows_or_the_previous_prompt(engine, mode):
+    """A recurrent state cannot be cut back to any prefix: the next turn reuses every row when
+    it starts with all of them, else the previous prompt's rows (the states were marked at its
+    end), else nothing; all exact."""
     cache = PromptCache()
+
+    def turn(prompt: list[int]) -> tuple[list[int], int]:
+        out = list(engine.generate(prompt, options=OPTS, mode=mode, prompt_cache=cache))
+        tokens = [t for r in out for t in r.tokens]
+        assert tokens == engine.run("ar", prompt, OPTS).tokens
+        return tokens, out[-1].stats.cached_tokens
+
     prompt = prompt_tokens(40, seed=5)
-    first = [t for r in engine.generate(prompt, options=OPTS, mode=mode, prompt_cache=cache)
-             for t in r.tokens]
+    first, cached = turn(prompt)
+    assert cached == 0
     second = prompt + first + prompt_tokens(6, seed=6)
-    out = list(engine.generate(second, options=OPTS, mode=mode, prompt_cache=cache))
-    assert out[-1].stats.cached_tokens >= len(prompt) + len(first) - 1
-    assert [t for r in out for t in r.tokens] == engine.run("ar", second, OPTS).tokens
-    branch = second[:20] + prompt_tokens(10, seed=7)
-    out = list(engine.generate(branch, options=OPTS, mode=mode, prompt_cache=cache))
-    assert out[-1].stats.cached_tokens == 0
-    assert [t for r in out for t in r.tokens] == engine.run("ar", branch, OPTS).tokens
+    answer, cached = turn(second)
+    assert cached >= len(prompt) + len(first) - 1
+    rerendered = second + prompt_tokens(len(answer), seed=9) + prompt_tokens(6, seed=7)
+    _, cached = turn(rerendered)
+    assert cached == len(second)
+    _, cached = turn(second[:20] + prompt_tokens(10, seed=8))
+    assert cached == 0
 
 
 def test_a_family_whose_rollback_is_wrong_is_refused(monkeypatch):
