@@ -25,6 +25,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prom
 from .errors import UserError
 
 PREFILL_CHUNK = 512
+MEMO_ROWS = 64  # a forward this short (a verify, not a prefill chunk) keeps its linear outputs
 
 
 class _TapSink:
@@ -35,14 +36,43 @@ class _TapSink:
         self.tapped: set[int] = set()
 
 
+class _LinearMemo:
+    """What the linear maps of recurrent layers computed in their latest short forward. While
+    a `RecurrentCache` runs its layer again over the first rows of that forward, they hand
+    those rows back instead of reading their weights again: a linear map treats each row on
+    its own, so the rows are the ones it would compute."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, mx.array] = {}
+        self.replaying: int | None = None  # the rows kept, while a layer runs again
+
+
+def _memoize(linear: nn.Module, memo: _LinearMemo) -> None:
+    base, key = type(linear), id(linear)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = memo.replaying
+        if rows is not None and (y := memo.outputs.get(key)) is not None and y.shape[-2] >= rows:
+            return y[..., :rows, :]
+        y = base.__call__(self, x)
+        if rows is None and x.shape[-2] <= MEMO_ROWS:
+            memo.outputs[key] = y
+        elif rows is None:  # a long forward is never rolled back: keep nothing stale
+            memo.outputs.pop(key, None)
+        return y
+
+    linear.__class__ = type(f"Memo{base.__name__}", (base,), {"__call__": __call__})
+
+
 class RecurrentCache(ArraysCache):
     """A recurrent layer's state that can drop the last rows of the latest forward, or go back
     to where it was marked.
 
     The layer's hook (`_install_hooks`) hands over, before each forward, how to run the layer
     again on the first rows of its input; dropping rows restores the state from before that
-    forward and runs the layer over the rows kept. Only the state is read from that run, so
-    MLX never evaluates the rest of the layer (its MLP, its output projection). A mark keeps
+    forward and runs the layer over the rows kept, its linear maps handing back what they
+    computed (`_LinearMemo`). Only the state is read from that run, so MLX evaluates only the
+    convolution and the recurrence over those rows. A mark keeps
     the state at one position (the engine marks a prompt's end) for a later prompt that shares
     only that much.
     """
@@ -102,9 +132,9 @@ def longest_cut(cache: list[KVCache | RecurrentCache], n: int) -> int:
     return 0
 
 
-def _install_hooks(layer: nn.Module, index: int, sink: _TapSink) -> None:
+def _install_hooks(layer: nn.Module, index: int, sink: _TapSink, memo: _LinearMemo) -> None:
     """Swap the layer's class for a subclass that records its output when tapped and hands a
-    `RecurrentCache` it is given the way to run it again.
+    `RecurrentCache` it is given the way to run it again (its linear maps memoized).
 
     A class swap keeps every attribute the model reads off its layers (`layer_type`,
     `use_sliding`, ...) and works for any mlx-lm family; Gemma 4 layers return a tuple.
@@ -112,10 +142,16 @@ def _install_hooks(layer: nn.Module, index: int, sink: _TapSink) -> None:
     base = type(layer)
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> Any:
+        def redo(rows: int) -> None:
+            memo.replaying = rows
+            try:
+                base.__call__(self, x[:, :rows], *args, **kwargs)
+            finally:
+                memo.replaying = None
+
         for arg in (*args, *kwargs.values()):
             if isinstance(arg, RecurrentCache):
-                arg.remember(lambda n: base.__call__(self, x[:, :n], *args, **kwargs),
-                             x.shape[1])
+                arg.remember(redo, x.shape[1])
         out = base.__call__(self, x, *args, **kwargs)
         if index in sink.tapped:
             sink.outputs[index] = out[0] if isinstance(out, tuple) else out
@@ -159,17 +195,23 @@ class Verifier:
         self.softcap = getattr(self.text, "final_logit_softcapping", None) or getattr(
             self.text.args, "final_logit_softcapping", None
         )
-        self._sink = _TapSink()
+        self._sink, self._memo = _TapSink(), _LinearMemo()
         self._hooked: set[int] = set()
         if self.recurrent:  # any layer may be handed a RecurrentCache
             self._hook(range(self.num_layers))
+            caches = self.make_cache()
+            for layer, c in zip(self.layers, caches, strict=False):
+                if isinstance(c, RecurrentCache) and len(caches) == self.num_layers:
+                    for _, m in layer.named_modules():
+                        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+                            _memoize(m, self._memo)
         self.tap_layer_ids: list[int] = []
         if tap_layer_ids:
             self.set_taps(tap_layer_ids)
 
     def _hook(self, layer_ids: Iterable[int]) -> None:
         for i in set(layer_ids) - self._hooked:
-            _install_hooks(self.layers[i], i, self._sink)
+            _install_hooks(self.layers[i], i, self._sink, self._memo)
             self._hooked.add(i)
 
     def set_taps(self, tap_layer_ids: list[int]) -> None:
