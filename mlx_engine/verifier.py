@@ -72,9 +72,8 @@ class RecurrentCache(ArraysCache):
     again on the first rows of its input; dropping rows restores the state from before that
     forward and runs the layer over the rows kept, its linear maps handing back what they
     computed (`_LinearMemo`). Only the state is read from that run, so MLX evaluates only the
-    convolution and the recurrence over those rows. A mark keeps
-    the state at one position (the engine marks a prompt's end) for a later prompt that shares
-    only that much.
+    convolution and the recurrence over those rows. A mark keeps the state at one position
+    (the engine marks a prompt's end) for a later prompt that shares only that much.
     """
 
     def __init__(self, size: int):
