@@ -17,7 +17,8 @@ import time
 
 from mlx_engine.verifier import RecurrentCache, Verifier, mx  # mx after mlx_engine: its BLAS
 
-# Dimensions of the text configs Qwen 3.5 publishes at these sizes (vocabulary 248,320).
+# About the text dimensions of Qwen 3.5 0.8B and 4B (hidden size, layers, MLP, linear-attention
+# heads): with random weights, a model of that shape costs what the real one does.
 SHAPES = {
     "0.8b": dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=3584,
                  num_attention_heads=8, num_key_value_heads=2, linear_num_value_heads=16,
