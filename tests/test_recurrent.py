@@ -6,6 +6,7 @@ are in `test_lossless.py` (`qwen3_5`, `qwen3_5_moe`, `qwen3_next`)."""
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.generate import speculative_generate_step
 from tiny import drafter_config, make_target, prompt_tokens, save_model_dir, save_random_drafter
@@ -47,6 +48,29 @@ def test_a_state_drops_rows_of_its_latest_forward_only():
     got = verifier.forward(mx.array([[10]]), cache).logits[0, -1]
     want = verifier.forward(mx.array([[3, 4, 5, 6, 7, 10]]), verifier.make_cache()).logits[0, -1]
     assert mx.allclose(got, want, atol=1e-4)
+
+
+def test_a_rollback_after_a_verify_reads_no_weights(monkeypatch):
+    """The kept rows' linear outputs come from the verify itself; a forward longer than a
+    verify (a prefill chunk) keeps none, and its rollback computes them again, still exact."""
+    verifier = Verifier(make_target("qwen3_5"))
+    calls: list[int] = []
+    linear = nn.Linear.__call__
+
+    def counted(self, x):
+        calls.append(1)
+        return linear(self, x)
+
+    monkeypatch.setattr(nn.Linear, "__call__", counted)
+    for rows, verify in ((17, True), (100, False)):  # a 16-draft verify; a prefill's chunk
+        cache, ids = verifier.make_cache(), prompt_tokens(rows, seed=rows)
+        verifier.forward(mx.array([ids]), cache)
+        calls.clear()
+        verifier.trim(cache, 3)
+        assert (calls == []) == verify
+        got = verifier.forward(mx.array([[5]]), cache).logits[0, -1]
+        cold = verifier.forward(mx.array([[*ids[:-3], 5]]), verifier.make_cache()).logits[0, -1]
+        assert mx.allclose(got, cold, atol=1e-4)
 
 
 def test_fused_runs_equal_ar_through_the_engine(engine):
