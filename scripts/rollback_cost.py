@@ -1,6 +1,6 @@
 """What rolling back a recurrent (linear-attention) verifier costs, against an AR step.
 
-    python scripts/rollback_cost.py [--shape 0.8b|4b] [--dtype float32] [--width 16]
+    python scripts/rollback_cost.py [--shape 0.8b|4b|tiny] [--dtype float32] [--width 16]
 
 Builds a Qwen 3.5-style hybrid of the given shape with random weights (the costs do not depend
 on them), prefills a 256-token prompt, then times, as medians of evaluated graphs: an AR step
@@ -26,6 +26,10 @@ SHAPES = {
     "4b": dict(hidden_size=2560, num_hidden_layers=32, intermediate_size=9216,
                num_attention_heads=16, num_key_value_heads=4, linear_num_value_heads=32,
                tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,  # for the tests
+                 num_attention_heads=4, num_key_value_heads=2, linear_num_value_heads=4,
+                 linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                 head_dim=16, vocab_size=512, tie_word_embeddings=False),
 }
 COMMON = dict(model_type="qwen3_5", vocab_size=248320, head_dim=256, linear_num_key_heads=16,
               linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
@@ -66,12 +70,12 @@ def median_ms(verifier: Verifier, cache: list, rows: int, drop: int) -> float:
     return 1e3 * statistics.median(times[1:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="0.8b")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--width", type=int, default=16)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     verifier = build(args.shape, args.dtype)
     verifier.set_taps([1, verifier.num_layers // 2, verifier.num_layers - 2])
     cache = verifier.make_cache()

@@ -9,7 +9,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.generate import speculative_generate_step
-from tiny import drafter_config, make_target, prompt_tokens, save_model_dir, save_random_drafter
+from tiny import (
+    drafter_config,
+    load_script,
+    make_target,
+    prompt_tokens,
+    save_model_dir,
+    save_random_drafter,
+)
 
 from mlx_engine.engine import Engine, RunOptions
 from mlx_engine.errors import UserError
@@ -122,3 +129,11 @@ def test_mlx_lm_speculative_decoding_refuses_a_hybrid_model():
     with pytest.raises(ValueError, match="trimmable"):
         next(speculative_generate_step(mx.array(prompt_tokens(20)), model,
                                        make_target("qwen3_5", seed=5), num_draft_tokens=4))
+
+
+def test_the_rollback_cost_script_times_every_kept_count(capsys):
+    load_script("rollback_cost.py").main(["--shape", "tiny", "--width", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tiny shape, float32") and lines[1].startswith("AR step")
+    kept = [int(line.split("keep")[1].split(":")[0]) for line in lines[2:]]
+    assert kept == [4, 3, 2, 1] and all(line.endswith("AR steps") for line in lines[2:])
