@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from mlx_lm.models.cache import KVCache
 
-from .verifier import RecurrentCache, can_trim, longest_cut
+from .verifier import RecurrentCache, can_cut, longest_cut
 
 
 @dataclass
@@ -31,7 +31,7 @@ class CachedRows:
 def _keep(cache: list[KVCache | RecurrentCache], n: int) -> bool:
     """Cut every layer's rows to the first `n`; False, and nothing cut, where a recurrent
     state cannot drop that many."""
-    if not all(can_trim(c, c.offset - n) for c in cache):
+    if not can_cut(cache, n):
         return False
     for c in cache:
         c.trim(c.offset - n)

@@ -13,7 +13,6 @@ rows it keeps.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +114,10 @@ class RecurrentCache(ArraysCache):
         return n
 
 
-def can_trim(cache: KVCache | RecurrentCache, n: int) -> bool:
-    """Whether a layer's cache can drop its last `n` rows (a recurrent state: only rows of
-    its latest forward, or back to its mark)."""
-    return cache.can_trim(n) if isinstance(cache, RecurrentCache) else True
+def can_cut(cache: list[KVCache | RecurrentCache], n: int) -> bool:
+    """Whether every layer's cache can be cut back to its first `n` rows (a recurrent state:
+    only by rows of its latest forward, or back to its mark)."""
+    return all(c.can_trim(c.offset - n) for c in cache if isinstance(c, RecurrentCache))
 
 
 def longest_cut(cache: list[KVCache | RecurrentCache], n: int) -> int:
@@ -126,7 +125,7 @@ def longest_cut(cache: list[KVCache | RecurrentCache], n: int) -> int:
     else where the recurrent states were marked, else 0."""
     marks = {c.marked for c in cache if isinstance(c, RecurrentCache) and c.marked is not None}
     for keep in (n, *sorted(marks, reverse=True)):
-        if keep <= n and all(can_trim(c, c.offset - keep) for c in cache):
+        if keep <= n and can_cut(cache, keep):
             return keep
     return 0
 
@@ -196,11 +195,14 @@ class Verifier:
         )
         self._sink, self._memo = _TapSink(), _LinearMemo()
         self._hooked: set[int] = set()
+        caches = self.make_cache()
+        # whether some layer keeps a recurrent state (rolled back by running it again)
+        self.recurrent = any(isinstance(c, RecurrentCache) for c in caches)
         if self.recurrent:  # any layer may be handed a RecurrentCache
             self._hook(range(self.num_layers))
-            caches = self.make_cache()
-            for layer, c in zip(self.layers, caches, strict=False):
-                if isinstance(c, RecurrentCache) and len(caches) == self.num_layers:
+        if self.recurrent and len(caches) == self.num_layers:  # cache i is layer i's
+            for layer, c in zip(self.layers, caches, strict=True):
+                if isinstance(c, RecurrentCache):
                     for _, m in layer.named_modules():
                         if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
                             _memoize(m, self._memo)
@@ -243,11 +245,6 @@ class Verifier:
                     "supported"
                 )
         return caches
-
-    @functools.cached_property
-    def recurrent(self) -> bool:
-        """Whether some layer keeps a recurrent state (rolled back by running it again)."""
-        return any(isinstance(c, RecurrentCache) for c in self.make_cache())
 
     @staticmethod
     def mark(cache: list[KVCache | RecurrentCache]) -> None:
