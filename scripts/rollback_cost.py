@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from mlx_engine.verifier import RecurrentCache, Verifier, mx  # mx after mlx_engine: its BLAS
+from mlx_engine.verifier import Verifier, mx  # mx after mlx_engine: its BLAS
 
 # About the text dimensions of Qwen 3.5 0.8B and 4B (hidden size, layers, MLP, linear-attention
 # heads): with random weights, a model of that shape costs what the real one does.
@@ -53,20 +53,18 @@ def median_ms(verifier: Verifier, cache: list, rows: int, drop: int) -> float:
     """One forward of `rows` rows, then drop `drop` of them, evaluated; the cache is put back
     to where it was after each timing."""
     ids = mx.array([[7 + i for i in range(rows)]])
-    saved = [(c.offset, list(c.cache) if isinstance(c, RecurrentCache) else None) for c in cache]
+    start = cache[0].offset
+    verifier.mark(cache)  # what a recurrent state goes back to after each timing
     times = []
     for _ in range(REPEATS + 1):  # the first builds what later ones reuse: not counted
-        start = time.perf_counter()
+        begin = time.perf_counter()
         out = verifier.forward(ids, cache)
         mx.eval(out.logits, out.taps)
         verifier.trim(cache, drop)
         mx.eval([c.state for c in cache])
-        times.append(time.perf_counter() - start)
-        for c, (offset, state) in zip(cache, saved, strict=True):
-            if state is None:
-                c.trim(c.offset - offset)
-            else:
-                c.offset, c.cache = offset, list(state)
+        times.append(time.perf_counter() - begin)
+        for c in cache:
+            c.trim(c.offset - start)
     return 1e3 * statistics.median(times[1:])
 
 
